@@ -1,0 +1,153 @@
+"""Episode loader throughput, open files and worker memory vs TF's decode+resize bound, as Markdown.
+
+One run, the same converted shards for every row:
+  - loader episodes/s and images/s with 0, 1, 2 workers at 84 and 224 px (variable way/shot episodes);
+  - TF's own per-image decode + TF1 bilinear resize on the same JPEGs, in as many processes as workers
+    (benchmarks.decode_bench, each process single-threaded): the physical bound to compare against;
+  - open descriptors and peak RSS per worker, and RSS for a source with 50 vs 5,000 classes;
+  - descriptions/s of the episode-description sampler alone and plans/s of the planner, on real MD specs.
+
+Usage: python -m benchmarks.loader_bench [--episodes 6] [--out FILE.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from benchmarks import decode_bench
+from lite_train.data.episode_description import EpisodeDescriptionConfig, EpisodeDescriptionSampler, sampler_rngs
+from lite_train.data.episodes import EpisodeDataset, EpisodePlanner, open_readers
+from manifests import ClassRecord, SourceWriter
+from manifests.md_spec import load_md_spec
+
+SPECS = Path(__file__).resolve().parents[2] / "shared" / "data" / "md_specs"
+
+
+class _InstrumentedDataset(EpisodeDataset):
+    """EpisodeDataset that also reports the worker's open descriptors and peak RSS after each episode."""
+
+    def __getitem__(self, plan):
+        episode = super().__getitem__(plan)
+        episode["pid"] = os.getpid()
+        episode["open_fds"] = len(os.listdir("/proc/self/fd"))
+        episode["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return episode
+
+
+def write_source(root: Path, name: str, images: list[bytes], num_classes: int, per_class: int) -> None:
+    spec = {"__class__": "DatasetSpecification", "name": name,
+            "classes_per_split": {"TRAIN": num_classes, "VALID": 0, "TEST": 0},
+            "images_per_class": {str(c): per_class for c in range(num_classes)},
+            "class_names": {str(c): f"class_{c}" for c in range(num_classes)},
+            "path": "", "file_pattern": "{}.tfrecords"}
+    writer = SourceWriter(root, "md", name, fingerprint={}, max_shard_samples=2000)
+    for c in range(num_classes):
+        for i in range(per_class):
+            writer.add(c, i, images[(c * per_class + i) % len(images)], "jpg")
+    classes = [ClassRecord(c, f"class_{c}", "train", None, per_class) for c in range(num_classes)]
+    writer.finish(classes, dict(origin="benchmark", converter_version="0", benchmark="md-v1",
+                                dataset_spec=spec, sampling_spec=spec))
+
+
+def run_loader(root: Path, source: str, size: int, workers: int, episodes: int, seed: int = 0) -> dict:
+    readers = open_readers(root, [source])
+    planner = EpisodePlanner(readers, "train", seed, num_episodes=episodes)
+    dataset = _InstrumentedDataset(readers, size)
+    loader = DataLoader(dataset, sampler=planner, batch_size=None, num_workers=workers,
+                        worker_init_fn=(lambda _: torch.set_num_threads(1)) if workers else None)
+    warm = max(workers, 1)  # the first round includes worker start-up: timed from its end
+    t0, images, stats = None, 0, {}
+    for i, ep in enumerate(loader):
+        if i == warm - 1:
+            t0 = time.perf_counter()
+        elif i >= warm:
+            images += len(ep["support_labels"]) + len(ep["query_labels"])
+        stats[ep["pid"]] = (ep["open_fds"], ep["peak_rss_mb"])
+    elapsed = time.perf_counter() - t0
+    return {"episodes_per_s": (episodes - warm) / elapsed, "images_per_s": images / elapsed,
+            "max_open_fds": max(s[0] for s in stats.values()),
+            "peak_rss_mb": max(s[1] for s in stats.values())}
+
+
+def sampler_speed(n: int = 2000) -> list[tuple[str, float, float]]:
+    """(dataset/split, descriptions/s, plans/s) on real specs where available."""
+    rows = []
+    for name, split in (("omniglot", "train"), ("ilsvrc_2012", "train"), ("aircraft", "train")):
+        path = SPECS / f"{name}_dataset_spec.json"
+        if not path.is_file():
+            continue
+        spec = load_md_spec(path)
+        sampler = EpisodeDescriptionSampler(spec, split, EpisodeDescriptionConfig(), sampler_rngs(0, 1)[0])
+        t = time.perf_counter()
+        for _ in range(n):
+            sampler.sample()
+        rows.append((f"{name}/{split}", n / (time.perf_counter() - t)))
+    return rows
+
+
+def planner_speed(root: Path, source: str, n: int = 500) -> float:
+    planner = EpisodePlanner(open_readers(root, [source]), "train", 0, num_episodes=n)
+    t = time.perf_counter()
+    for _ in planner:
+        pass
+    return n / (time.perf_counter() - t)
+
+
+def main(argv: list[str] | None = None) -> str:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--episodes", type=int, default=6, help="episodes per loader row (after warm-up)")
+    ap.add_argument("--unique-images", type=int, default=300)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    images = decode_bench.make_images(args.unique_images)
+    lines = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        write_source(root, "bench", images, num_classes=40, per_class=60)
+        data_file = root / "images.pkl"
+        data_file.write_bytes(pickle.dumps(images))
+        lines += [f"Loader on one converted source: 40 classes x 60 synthetic 500x375 JPEGs "
+                  f"(mean {np.mean([len(b) for b in images]) / 1e3:.0f} kB), MD variable way/shot episodes, "
+                  f"{args.episodes} timed episodes per row after a warm-up round; TF bound = "
+                  "tf.io.decode_jpeg + TF1 bilinear align_corners in as many single-threaded processes.", "",
+                  "| size | workers | episodes/s | images/s | TF bound images/s | ratio | max open fds/process "
+                  "| peak RSS/process (MB) |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for size in (84, 224):
+            bounds = {p: decode_bench.measure("tf", size, p, str(data_file), 2) for p in (1, 2)}
+            for workers in (0, 1, 2):
+                r = run_loader(root, "bench", size, workers, args.episodes + max(workers, 1))
+                bound = bounds[max(workers, 1)]
+                lines.append(f"| {size} | {workers} | {r['episodes_per_s']:.2f} | {r['images_per_s']:.0f} | "
+                             f"{bound:.0f} | {r['images_per_s'] / bound:.2f} | {r['max_open_fds']} | "
+                             f"{r['peak_rss_mb']:.0f} |")
+        tiny = [images[0]]
+        lines += ["", "Worker memory vs number of classes (2 workers, 84 px, 20 episodes, 20 images per class):",
+                  "", "| classes | samples | peak RSS/worker (MB) | max open fds/worker |", "|---:|---:|---:|---:|"]
+        for classes in (50, 5000):
+            write_source(root, f"c{classes}", tiny, num_classes=classes, per_class=20)
+            r = run_loader(root, f"c{classes}", 84, 2, 20)
+            lines.append(f"| {classes} | {classes * 20} | {r['peak_rss_mb']:.0f} | {r['max_open_fds']} |")
+        lines += ["", "Sampling alone (main process, no images):", "", "| what | per second |", "|---|---:|"]
+        for name, rate in sampler_speed():
+            lines.append(f"| descriptions, {name} (real MD spec) | {rate:.0f} |")
+        lines.append(f"| plans (descriptions + image selection), bench source | {planner_speed(root, 'bench'):.0f} |")
+    table = "\n".join(lines) + "\n"
+    print(table)
+    if args.out:
+        Path(args.out).write_text(table)
+    return table
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""`lite-convert` command line: flags in, one library call per command, a summary (or `error: ...`) out.
+
+Commands: `md` (Meta-Dataset records -> shards), `mnist` (t10k idx -> shards), `verify` (shards vs manifests),
+`demo-data` (a small real-format MD records folder). Errors the converter detects are printed as one line
+`error: <message>` on stderr with exit status 1.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import time
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
+
+from manifests import schema
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
+_out = Console()
+_err = Console(stderr=True)
+
+
+def _guard(fn):
+    """Turn a converter error (ValueError, OSError) into `error: <one line>` and exit status 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, OSError) as e:
+            message = " ".join(str(e).split("\n"))
+            typer.echo(f"error: {message}", err=True)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+class _RateColumn(ProgressColumn):
+    """records/s and MB read so far (the `bytes` task field)."""
+
+    def render(self, task) -> Text:
+        speed = task.finished_speed or task.speed or 0.0
+        return Text(f"{speed:,.0f} rec/s  {task.fields.get('bytes', 0) / 1e6:,.1f} MB", style="cyan")
+
+
+def _summary_table(results) -> Table:
+    table = Table(title="written")
+    for column in ("source", "status", "classes", "samples", "shards", "MB", "seconds"):
+        table.add_column(column, justify="left" if column in ("source", "status") else "right")
+    for r in results:
+        table.add_row(r.source, r.status, str(r.classes), str(r.samples), str(r.shards), f"{r.bytes / 1e6:,.1f}",
+                      f"{r.seconds:.1f}")
+    return table
+
+
+@app.command()
+@_guard
+def md(
+    records: Path = typer.Option(..., help="Meta-Dataset records root (one folder per dataset)."),
+    out: Path = typer.Option(..., help="Output root; sources go to <out>/md/<dataset>/."),
+    datasets: str = typer.Option("", help="Comma-separated dataset folders (default: every one with a spec)."),
+    benchmark: str = typer.Option("md-v1", help="Class-split view: md-v1 or md-v2."),
+    workers: int = typer.Option(1, help="Datasets converted in parallel processes."),
+    max_shard_samples: int = typer.Option(schema.DEFAULT_MAX_SHARD_SAMPLES, help="Samples per shard at most."),
+    max_shard_bytes: int = typer.Option(schema.DEFAULT_MAX_SHARD_BYTES, help="Image bytes per shard at most."),
+):
+    """Convert Meta-Dataset TFRecords into shards + manifests."""
+    from convert.md import ConvertConfig, convert_planned, plan_datasets
+
+    config = ConvertConfig(records=str(records), out=str(out),
+                           datasets=tuple(d for d in datasets.split(",") if d),
+                           benchmark=benchmark, workers=workers, max_shard_samples=max_shard_samples,
+                           max_shard_bytes=max_shard_bytes)
+    plans = plan_datasets(config)
+    columns = (TextColumn("{task.description:<16}"), BarColumn(), MofNCompleteColumn(), _RateColumn(),
+               TimeElapsedColumn())
+    with Progress(*columns, console=_err) as progress:
+        tasks = {p.name: progress.add_task(p.name, total=p.num_records, bytes=0) for p in plans}
+        read_bytes = dict.fromkeys(tasks, 0)
+
+        def report(name: str, n: int, nbytes: int) -> None:
+            read_bytes[name] += nbytes
+            progress.update(tasks[name], advance=n, bytes=read_bytes[name])
+
+        results = convert_planned(plans, config, report)
+    _out.print(_summary_table(results))
+
+
+@app.command()
+@_guard
+def mnist(
+    idx_dir: Path = typer.Option(..., help="Folder with t10k-images-idx3-ubyte(.gz) and t10k-labels-idx1-ubyte(.gz)."),
+    out: Path = typer.Option(..., help="Output root; the source goes to <out>/md/mnist/."),
+    split: str = typer.Option("train", help="Sampling view: train (MD-v2 / LITE) or test (MD + 3 extra)."),
+    lossless: bool = typer.Option(False, help="Store PNG instead of MD's quality-75 JPEG."),
+):
+    """Convert the 10,000 MNIST test digits into the `mnist` source."""
+    from convert.mnist import MnistConfig, convert_mnist
+
+    config = MnistConfig(idx_dir=str(idx_dir), out=str(out), split=split, lossless=lossless)
+    with Progress(TextColumn("mnist"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=_err) as progress:
+        task = progress.add_task("mnist", total=10)
+        result = convert_mnist(config, lambda n: progress.advance(task))
+    _out.print(_summary_table([result]))
+
+
+def _pil_decode(data: bytes) -> None:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        image.load()
+
+
+@app.command()
+@_guard
+def verify(
+    out: Path = typer.Argument(..., help="Output root holding <group>/<source>/ folders."),
+    decode: bool = typer.Option(False, help="Also fully decode every image with PIL."),
+):
+    """Verify every converted source under OUT against its manifests."""
+    from manifests.reader import find_sources
+    from manifests.verify import verify_source
+
+    sources = find_sources(out)
+    if not sources:
+        raise ValueError(f"{out}: no converted source (no <group>/<source>/{schema.SOURCE_FILE})")
+    for path in sources:
+        start = time.perf_counter()
+        r = verify_source(path, decode=_pil_decode if decode else None)
+        decoded = f", {r.decoded} decoded" if decode else ""
+        typer.echo(f"ok {path.parent.name}/{r.source}: {r.num_classes} classes, {r.num_samples} samples, "
+                   f"{r.num_shards} shards, {r.num_bytes / 1e6:.1f} MB{decoded} ({time.perf_counter() - start:.1f} s)")
+
+
+@app.command("demo-data")
+@_guard
+def demo_data(
+    directory: Path = typer.Argument(..., help="Folder to create (must not exist or be empty)."),
+    seed: int = typer.Option(0, help="Seed of every drawing."),
+):
+    """Write a small real-format Meta-Dataset records folder (TF writer) plus MNIST idx files."""
+    from convert.demo_data import write_demo_data
+
+    start = time.perf_counter()
+    made = write_demo_data(directory, seed)
+    typer.echo(f"wrote {', '.join(p.name for p in made)} under {directory} ({time.perf_counter() - start:.1f} s)")
+
+
+def main() -> None:
+    """Console-script entry point (`lite-convert`)."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,202 @@
+"""TFRecord files in, checked payloads out; `tf.train.Example` payloads in, `{feature: values}` out. No TF.
+
+Framing (per record, little-endian): uint64 length N, uint32 masked CRC32C of those 8 bytes, N payload
+bytes, uint32 masked CRC32C of the payload. Both CRCs are always checked. The Example parser is a small
+protobuf wire-format walker: map entries in any order, int64 lists packed or not, unknown fields skipped.
+Every error is a `RecordError` whose one-line message names the file and the record index.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from typing import BinaryIO, Iterable, Iterator
+
+import crc32c
+
+_MASK_DELTA = 0xA282EAD8
+_HEADER = struct.Struct("<QI")  # payload length, masked CRC of the length bytes
+_CRC = struct.Struct("<I")
+_READ_BUFFER = 1 << 20
+
+
+class RecordError(ValueError):
+    """A TFRecord file or an Example in it is malformed. The message is one line naming the file."""
+
+
+def masked_crc(data: bytes) -> int:
+    """TFRecord's masked CRC32C: rotate right by 15 bits, add 0xA282EAD8 (mod 2**32)."""
+    crc = crc32c.crc32c(data)
+    return (((crc >> 15) | (crc << 17)) + _MASK_DELTA) & 0xFFFFFFFF
+
+
+def frame(payload: bytes) -> bytes:
+    """One framed record holding `payload`."""
+    length = struct.pack("<Q", len(payload))
+    return length + _CRC.pack(masked_crc(length)) + payload + _CRC.pack(masked_crc(payload))
+
+
+def write_records(path: str | os.PathLike, payloads: Iterable[bytes]) -> None:
+    """Write `payloads` as a TFRecord file (plain framing writer; TF's own writer gives the same bytes)."""
+    with open(path, "wb") as f:
+        for p in payloads:
+            f.write(frame(p))
+
+
+def iter_records(path: str | os.PathLike) -> Iterator[bytes]:
+    """Yield the payload of every record of `path`, in file order, after checking both CRCs.
+
+    Raises:
+        RecordError: truncated header or payload, or a CRC mismatch; the message names the file and
+            the record index.
+    """
+    with open(path, "rb", buffering=_READ_BUFFER) as f:
+        yield from _iter_open(f, os.fspath(path), os.fstat(f.fileno()).st_size)
+
+
+def _iter_open(f: BinaryIO, name: str, file_size: int) -> Iterator[bytes]:
+    index, pos = 0, 0
+    while True:
+        header = f.read(_HEADER.size)
+        if not header:
+            return
+        where = f"{name}: record {index} (byte {pos})"
+        if len(header) < _HEADER.size:
+            raise RecordError(f"{where}: truncated length header ({len(header)} of {_HEADER.size} bytes)")
+        length, length_crc = _HEADER.unpack(header)
+        if masked_crc(header[:8]) != length_crc:
+            raise RecordError(f"{where}: length CRC mismatch (corrupt header)")
+        if pos + _HEADER.size + length + _CRC.size > file_size:
+            raise RecordError(f"{where}: truncated, header announces {length} payload bytes but the file "
+                              f"ends {file_size - pos - _HEADER.size} bytes later")
+        payload = f.read(length)
+        tail = f.read(_CRC.size)
+        if len(payload) < length or len(tail) < _CRC.size:
+            raise RecordError(f"{where}: truncated payload")
+        if masked_crc(payload) != _CRC.unpack(tail)[0]:
+            raise RecordError(f"{where}: payload CRC mismatch")
+        yield payload
+        pos += _HEADER.size + length + _CRC.size
+        index += 1
+
+
+# -- protobuf wire format -----------------------------------------------------------------------------------
+
+def _varint(buf: bytes, pos: int, end: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= end:
+            raise ValueError("truncated varint")
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return result, pos
+        shift += 7
+        if shift >= 70:
+            raise ValueError("varint longer than 10 bytes")
+
+
+def _fields(buf: bytes, start: int, end: int) -> Iterator[tuple[int, int, object]]:
+    """Yield (field number, wire type, value) for one message; LEN values are (start, end) spans."""
+    pos = start
+    while pos < end:
+        tag, pos = _varint(buf, pos, end)
+        number, wire = tag >> 3, tag & 7
+        if number == 0:
+            raise ValueError("field number 0")
+        if wire == 0:
+            value, pos = _varint(buf, pos, end)
+        elif wire == 1:
+            value, pos = buf[pos:pos + 8], pos + 8
+        elif wire == 2:
+            n, pos = _varint(buf, pos, end)
+            value, pos = (pos, pos + n), pos + n
+        elif wire == 5:
+            value, pos = buf[pos:pos + 4], pos + 4
+        else:
+            raise ValueError(f"unsupported wire type {wire}")
+        if pos > end:
+            raise ValueError("field runs past the end of its message")
+        yield number, wire, value
+
+
+def _signed64(v: int) -> int:
+    v &= 0xFFFFFFFFFFFFFFFF
+    return v - (1 << 64) if v >> 63 else v
+
+
+def _parse_feature(buf: bytes, start: int, end: int) -> list:
+    """Feature{bytes_list=1 | float_list=2 | int64_list=3} -> list of bytes, floats or ints."""
+    values: list = []
+    for number, wire, span in _fields(buf, start, end):
+        if wire != 2 or number not in (1, 2, 3):
+            continue
+        for inner, iwire, v in _fields(buf, *span):
+            if inner != 1:
+                continue
+            if number == 1 and iwire == 2:  # BytesList.value
+                values.append(bytes(buf[v[0]:v[1]]))
+            elif number == 3 and iwire == 0:  # Int64List.value, unpacked
+                values.append(_signed64(v))
+            elif number == 3 and iwire == 2:  # Int64List.value, packed
+                pos, stop = v
+                while pos < stop:
+                    x, pos = _varint(buf, pos, stop)
+                    values.append(_signed64(x))
+            elif number == 2 and iwire == 5:  # FloatList.value, unpacked
+                values.append(struct.unpack("<f", v)[0])
+            elif number == 2 and iwire == 2:  # FloatList.value, packed
+                values.extend(struct.unpack(f"<{(v[1] - v[0]) // 4}f", buf[v[0]:v[1]]))
+            else:
+                raise ValueError(f"feature list of kind {number} has a value of wire type {iwire}")
+    return values
+
+
+def parse_example(payload: bytes) -> dict[str, list]:
+    """Parse a serialized `tf.train.Example` into {feature name: list of values}.
+
+    Raises:
+        ValueError: the payload is not a well-formed Example.
+    """
+    features: dict[str, list] = {}
+    for number, wire, span in _fields(payload, 0, len(payload)):
+        if number != 1 or wire != 2:  # Example.features
+            continue
+        for fnum, fwire, entry in _fields(payload, *span):
+            if fnum != 1 or fwire != 2:  # Features.feature (map entry)
+                continue
+            key, value = None, []
+            for enum, ewire, v in _fields(payload, *entry):
+                if enum == 1 and ewire == 2:
+                    key = payload[v[0]:v[1]].decode("utf-8")
+                elif enum == 2 and ewire == 2:
+                    value = _parse_feature(payload, *v)
+            if key is None:
+                raise ValueError("feature map entry without a key")
+            features[key] = value
+    return features
+
+
+def read_md_example(payload: bytes, where: str) -> tuple[bytes, int]:
+    """An MD record's (image bytes, label): exactly one `image` bytes value and one `label` int64.
+
+    Raises:
+        RecordError: `f"{where}: <problem>"`.
+    """
+    try:
+        features = parse_example(payload)
+    except (ValueError, UnicodeDecodeError, struct.error) as e:
+        raise RecordError(f"{where}: not a tf.train.Example ({e})") from None
+    image, label = features.get("image"), features.get("label")
+    if not image or len(image) != 1 or not isinstance(image[0], bytes):
+        raise RecordError(f"{where}: feature 'image' must hold exactly one bytes value, got {_describe(image)}")
+    if not label or len(label) != 1 or not isinstance(label[0], int):
+        raise RecordError(f"{where}: feature 'label' must hold exactly one int64 value, got {_describe(label)}")
+    return image[0], label[0]
+
+
+def _describe(values: list | None) -> str:
+    if values is None:
+        return "no such feature"
+    return f"{len(values)} value(s) of type {sorted({type(v).__name__ for v in values}) or '-'}"

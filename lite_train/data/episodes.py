@@ -1,0 +1,257 @@
+"""Episodes from converted sources: descriptions + cursors -> plans (main process) -> pixels (workers).
+
+Assembly (`make_episode_loader`), and the record that flows out of each step:
+
+    EpisodePlanner   seed, sources           -> EpisodePlan   (which samples; pure numpy, cheap, sequential)
+    DataLoader       plans, num_workers      -> EpisodePlan   (sent to a worker process, order preserved)
+    EpisodeDataset   EpisodePlan             -> Episode       (read + decode + resize into shared tensors)
+
+Planning runs in the main process, so episode i is a function of (seed, i) alone, whatever the number of
+workers; workers only do I/O and decoding, the physical limit of the loader.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Iterator, Sequence, TypedDict
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, get_worker_info
+
+from lite_train.data.class_stream import ORDERS, ClassStream
+from lite_train.data.decode import decode_resize_into
+from lite_train.data.episode_description import (EpisodeDescriptionConfig, EpisodeDescriptionSampler,
+                                                 sampler_rngs)
+from manifests import FilePool, SourceReader, open_source
+from manifests.md_spec import MDSpec, parse_md_spec
+
+_SOURCE_CHOICE_STREAM = 0x5C  # SeedSequence spawn keys: independent streams derived from one seed
+_IMAGE_ORDER_STREAM = 0x1A
+
+
+def derived_rng(seed: int, *key: int) -> np.random.RandomState:
+    """A RandomState for one purpose, derived from the run seed in this one place."""
+    return np.random.RandomState(np.random.SeedSequence([seed, *key]).generate_state(4))
+
+
+@dataclasses.dataclass(frozen=True)
+class EpisodePlan:
+    """Which stored samples make up one episode."""
+
+    index: int  # position in the episode stream
+    source: str  # source name
+    source_index: int  # position in the planner's source list
+    description: tuple  # ((split-relative class id, support shots, query shots), ...) as MD returns it
+    class_ids: np.ndarray  # (ways,) absolute class ids in description order: label i <-> class_ids[i]
+    support: np.ndarray  # (N,) global sample indices, grouped by class in description order
+    query: np.ndarray  # (M,) likewise
+
+    @property
+    def support_labels(self) -> np.ndarray:  # (N,)
+        return np.repeat(np.arange(len(self.description)), [k for _, k, _ in self.description])
+
+    @property
+    def query_labels(self) -> np.ndarray:  # (M,)
+        return np.repeat(np.arange(len(self.description)), [q for _, _, q in self.description])
+
+
+class Episode(TypedDict):
+    """One episode as the loader yields it. Images are float32 in [-1, 1], NCHW."""
+
+    index: int
+    source: str
+    support_images: torch.Tensor  # (N, 3, H, W)
+    support_labels: torch.Tensor  # (N,) int64, 0..ways-1 = description position
+    support_class_ids: torch.Tensor  # (N,) int64 absolute class ids
+    query_images: torch.Tensor  # (M, 3, H, W)
+    query_labels: torch.Tensor  # (M,)
+    query_class_ids: torch.Tensor  # (M,)
+
+
+def sampling_spec(reader: SourceReader) -> MDSpec:
+    """The MDSpec the episode sampler uses for a converted source, checked against its manifest."""
+    info = reader.info
+    raw = info.sampling_spec or info.dataset_spec
+    if raw is None:
+        raise ValueError(f"{reader.path}: source.json holds no dataset spec to sample episodes from")
+    spec = parse_md_spec(raw, origin=f"{reader.path}/source.json")
+    counts = reader.classes["num_images"].to_numpy()
+    if spec.num_classes != len(counts) or tuple(counts.tolist()) != tuple(spec.images_per_class):
+        raise ValueError(f"{reader.path}: the sampling spec's class counts differ from classes.parquet")
+    return spec
+
+
+class EpisodePlanner:
+    """The deterministic stream of episode plans over one or several sources.
+
+    Multi-source (MD `make_multisource_episode_pipeline`): each episode's source is drawn uniformly; each
+    source keeps its own description sampler and class cursors. Description samplers are seeded as MD
+    seeds them after `sampling.RNG.seed(seed)`, in source order, so descriptions match MD's bit for bit.
+
+    Args:
+        readers: the converted sources, in a fixed order.
+        split: "train" | "valid" | "test".
+        seed: the run seed; every random choice derives from it.
+        config: the episode description law (MD defaults: variable way and shot).
+        order: per-pass image order, "md" (shuffle-buffer emulation) or "uniform".
+        num_episodes: stream length (None = infinite).
+        start: first episode index; plans before it are replayed (cheap) so a resumed run continues
+            exactly where it stopped.
+        use_hierarchy: False ignores the DAG / bilevel ontology (MD's ignore_*_ontology).
+    """
+
+    def __init__(self, readers: Sequence[SourceReader], split: str, seed: int,
+                 config: EpisodeDescriptionConfig = EpisodeDescriptionConfig(), *, order: str = "md",
+                 num_episodes: int | None = None, start: int = 0, use_hierarchy: bool = True):
+        if order not in ORDERS:
+            raise ValueError(f"order {order!r} is not one of {ORDERS}")
+        if not use_hierarchy:
+            config = dataclasses.replace(config, ignore_dag_ontology=True, ignore_bilevel_ontology=True)
+        self.readers = list(readers)
+        self.split, self.seed, self.config, self.order = split, seed, config, order
+        self.num_episodes, self.start = num_episodes, start
+        self.specs = [sampling_spec(r) for r in self.readers]
+        # Fail now, not in the first episode: building a sampler checks the split against the config.
+        for spec, rng in zip(self.specs, sampler_rngs(seed, len(self.specs))):
+            EpisodeDescriptionSampler(spec, split, config, rng)
+
+    def __len__(self) -> int:
+        if self.num_episodes is None:
+            raise TypeError("an infinite episode stream has no length")
+        return self.num_episodes - self.start
+
+    def __iter__(self) -> Iterator[EpisodePlan]:
+        """Each iteration restarts the stream at `start`, with the same plans."""
+        samplers = [EpisodeDescriptionSampler(spec, self.split, self.config, rng)
+                    for spec, rng in zip(self.specs, sampler_rngs(self.seed, len(self.specs)))]
+        source_rng = derived_rng(self.seed, _SOURCE_CHOICE_STREAM)
+        image_rngs = [derived_rng(self.seed, _IMAGE_ORDER_STREAM, i) for i in range(len(self.readers))]
+        streams: list[dict[int, ClassStream]] = [{} for _ in self.readers]
+        index = 0
+        while self.num_episodes is None or index < self.num_episodes:
+            s = int(source_rng.randint(len(self.readers))) if len(self.readers) > 1 else 0
+            description = samplers[s].sample()
+            plan = self._select_images(index, s, description, streams[s], image_rngs[s])
+            if index >= self.start:
+                yield plan
+            index += 1
+
+    def _select_images(self, index: int, s: int, description: tuple, streams: dict[int, ClassStream],
+                       rng: np.random.RandomState) -> EpisodePlan:
+        reader, spec = self.readers[s], self.specs[s]
+        offset = spec.split_offset(self.split)
+        class_ids = np.array([offset + rel for rel, _, _ in description], dtype=np.int64)
+        support, query = [], []
+        for class_id, (_, shots, num_query) in zip(class_ids, description):
+            first, count = reader.class_range(int(class_id))
+            stream = streams.get(int(class_id))
+            if stream is None:
+                stream = streams[int(class_id)] = ClassStream(count, self.order, rng)
+            picked = first + stream.take(shots + num_query)  # (shots + q,) global sample indices
+            support.append(picked[:shots])
+            query.append(picked[shots:])
+        return EpisodePlan(index, reader.name, s, description, class_ids,
+                           np.concatenate(support), np.concatenate(query))
+
+
+class EpisodeDataset(Dataset):
+    """Map-style dataset whose "index" is an EpisodePlan: reads and decodes the planned samples.
+
+    Args:
+        readers: the same sources, in the same order, as the planner's.
+        image_size: H = W of the output images.
+        dct_scale: fast mode: let the JPEG decoder downscale in the DCT domain first (not TF-identical).
+    """
+
+    def __init__(self, readers: Sequence[SourceReader], image_size: int, *, dct_scale: bool = False):
+        self.readers = list(readers)
+        self.image_size = image_size
+        self.dct_scale = dct_scale
+
+    def __getitem__(self, plan: EpisodePlan) -> Episode:
+        reader = self.readers[plan.source_index]
+        class_ids = torch.from_numpy(plan.class_ids)
+        support_labels = torch.from_numpy(plan.support_labels)
+        query_labels = torch.from_numpy(plan.query_labels)
+        return Episode(
+            index=plan.index,
+            source=plan.source,
+            support_images=self._images(reader, plan.support),
+            support_labels=support_labels,
+            support_class_ids=class_ids[support_labels],
+            query_images=self._images(reader, plan.query),
+            query_labels=query_labels,
+            query_class_ids=class_ids[query_labels],
+        )
+
+    def _images(self, reader: SourceReader, samples: np.ndarray) -> torch.Tensor:
+        shape = (len(samples), 3, self.image_size, self.image_size)  # (n, 3, H, W)
+        images = _shared_empty(shape) if get_worker_info() is not None else torch.empty(shape)
+        out = images.numpy()
+        for i, sample in enumerate(samples):
+            data = reader.read(int(sample))
+            try:
+                decode_resize_into(data, out[i], self.image_size, dct_scale=self.dct_scale)
+            except ValueError as e:
+                raise ValueError(f"{reader.locate(int(sample))}: {e}") from None
+        return images
+
+
+def _shared_empty(shape: tuple[int, ...]) -> torch.Tensor:
+    """An uninitialised float32 tensor allocated directly in shared memory.
+
+    A worker's episode tensor is handed to the main process; in shared memory that costs nothing, where
+    `torch.empty(...).share_memory_()` would first copy the whole episode (~330 MB at 224 px).
+    """
+    numel = int(np.prod(shape))
+    try:
+        storage = torch.UntypedStorage._new_shared(numel * 4)
+    except AttributeError:  # a torch without the private constructor: allocate, then move (one copy)
+        return torch.empty(shape).share_memory_()
+    return torch.empty(0).set_(storage, 0, shape)
+
+
+def _worker_init(_worker_id: int) -> None:
+    torch.set_num_threads(1)  # one decode per process: intra-op threads would only contend
+
+
+@dataclasses.dataclass(frozen=True)
+class EpisodeLoaderConfig:
+    """Everything that decides which episodes a loader yields and how they look."""
+
+    data: str  # root of converted sources (holds <group>/<source>/)
+    sources: tuple[str, ...]  # source names, e.g. ("omniglot",) or the 8 MD-v2 training sources
+    split: str = "train"
+    seed: int = 0
+    image_size: int = 84
+    order: str = "md"  # per-pass image order: "md" | "uniform"
+    use_hierarchy: bool = True
+    num_episodes: int | None = None  # None = infinite
+    start: int = 0  # first episode index (resume)
+    num_workers: int = 2
+    pin_memory: bool = False
+    prefetch_factor: int = 2
+    max_open_files: int = 64  # per process, over all sources
+    dct_scale: bool = False  # fast, not TF-identical decoding (docs/fidelity.md)
+
+
+def open_readers(data: str | Path, sources: Sequence[str], max_open_files: int = 64) -> list[SourceReader]:
+    """Open converted sources sharing one bounded file pool (per process, also after pickling)."""
+    pool = FilePool(max_open_files)
+    return [open_source(data, name, pool=pool) for name in sources]
+
+
+def make_episode_loader(cfg: EpisodeLoaderConfig,
+                        description: EpisodeDescriptionConfig = EpisodeDescriptionConfig()) -> DataLoader:
+    """A DataLoader of Episodes (batch_size=None: one episode per item), identical for any num_workers."""
+    readers = open_readers(cfg.data, cfg.sources, cfg.max_open_files)
+    planner = EpisodePlanner(readers, cfg.split, cfg.seed, description, order=cfg.order,
+                             num_episodes=cfg.num_episodes, start=cfg.start, use_hierarchy=cfg.use_hierarchy)
+    dataset = EpisodeDataset(readers, cfg.image_size, dct_scale=cfg.dct_scale)
+    workers = cfg.num_workers
+    return DataLoader(dataset, sampler=planner, batch_size=None, num_workers=workers,
+                      pin_memory=cfg.pin_memory, worker_init_fn=_worker_init if workers else None,
+                      prefetch_factor=cfg.prefetch_factor if workers else None,
+                      persistent_workers=False)

@@ -1,0 +1,114 @@
+"""Bad input -> `error: <one line naming the file (and record)>`, exit 1, and no visible output folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from convert.cli import app
+from convert.demo_data import write_md_records
+from convert.tfrecord import iter_records, read_md_example, write_records
+
+runner = CliRunner()
+
+
+def _run_md(records: Path, out: Path):
+    return runner.invoke(app, ["md", "--records", str(records), "--out", str(out)])
+
+
+def _assert_failed(result, out: Path, *fragments: str) -> None:
+    assert result.exit_code == 1, result.output
+    # Progress bars may precede it; the error itself is exactly one line, the last.
+    lines = [line for line in result.stderr.strip().splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and result.stderr.strip().endswith(lines[0]), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    visible = [p for p in (out / "md").glob("*")] if (out / "md").exists() else []
+    assert not [p for p in visible if not p.name.startswith(".")], visible
+
+
+def _flip(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def _record_payloads(path: Path) -> list[bytes]:
+    return list(iter_records(path))
+
+
+@pytest.mark.parametrize("offset,message", [(3, "record 0 (byte 0): length CRC mismatch"),
+                                            (40, "record 0 (byte 0): payload CRC mismatch")])
+def test_bad_crc(tiny, tmp_path, offset, message):
+    _flip(tiny / "tiny" / "1.tfrecords", offset)
+    _assert_failed(_run_md(tiny, tmp_path / "out"), tmp_path / "out", "1.tfrecords", message)
+
+
+def test_truncated_file(tiny, tmp_path):
+    path = tiny / "tiny" / "2.tfrecords"
+    path.write_bytes(path.read_bytes()[:-7])
+    _assert_failed(_run_md(tiny, tmp_path / "out"), tmp_path / "out", "2.tfrecords: record 2", "truncated")
+
+
+def test_more_records_than_spec(tiny, tmp_path):
+    path = tiny / "tiny" / "0.tfrecords"
+    payloads = _record_payloads(path)
+    write_records(path, payloads + payloads[:1])
+    _assert_failed(_run_md(tiny, tmp_path / "out"), tmp_path / "out", "0.tfrecords: record 3",
+                   "more records than images_per_class[0] = 3")
+
+
+def test_fewer_records_than_spec(tiny, tmp_path):
+    path = tiny / "tiny" / "2.tfrecords"
+    write_records(path, _record_payloads(path)[:2])
+    _assert_failed(_run_md(tiny, tmp_path / "out"), tmp_path / "out", "2.tfrecords: 2 records",
+                   "images_per_class[2] = 3")
+
+
+def test_label_differs_from_file_id(tiny, tmp_path):
+    path = tiny / "tiny" / "1.tfrecords"
+    images = [read_md_example(p, "")[0] for p in _record_payloads(path)]
+    write_md_records(path, images, 2)
+    _assert_failed(_run_md(tiny, tmp_path / "out"), tmp_path / "out", "1.tfrecords: record 0",
+                   "label 2 differs from the file's class id 1")
+
+
+def test_missing_class_file_fails_before_anything_is_written(tiny, tmp_path):
+    (tiny / "tiny" / "2.tfrecords").unlink()
+    result = _run_md(tiny, tmp_path / "out")
+    _assert_failed(result, tmp_path / "out", "2.tfrecords: missing record file for class 2")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("text,message", [
+    ("{not json", "cannot read dataset spec"),
+    (json.dumps({"__class__": "DatasetSpecification", "name": "tiny", "classes_per_split": {"TRAIN": 1},
+                 "images_per_class": {}, "class_names": {}}), "classes_per_split"),
+    (json.dumps({"__class__": "Nope", "name": "tiny"}), "__class__"),
+])
+def test_invalid_spec(tiny, tmp_path, text, message):
+    (tiny / "tiny" / "dataset_spec.json").write_text(text)
+    _assert_failed(_run_md(tiny, tmp_path / "out"), tmp_path / "out", "dataset_spec.json", message)
+    assert not (tmp_path / "out").exists()
+
+
+def test_unreadable_spec(tiny, tmp_path):
+    spec = tiny / "tiny" / "dataset_spec.json"
+    spec.unlink()
+    spec.mkdir()  # a directory where the file should be: unreadable for every user, root included
+    result = runner.invoke(app, ["md", "--records", str(tiny), "--out", str(tmp_path / "out"), "--datasets", "tiny"])
+    _assert_failed(result, tmp_path / "out", "dataset_spec.json")
+
+
+def test_verify_reports_a_corrupted_shard(tiny, tmp_path):
+    out = tmp_path / "out"
+    assert _run_md(tiny, out).exit_code == 0
+    assert runner.invoke(app, ["verify", str(out)]).stdout.startswith("ok md/tiny: 3 classes, 9 samples")
+    shard = out / "md" / "tiny" / "tiny-000000.tar"
+    _flip(shard, 1024 + 100)  # inside the first image's data
+    result = runner.invoke(app, ["verify", str(out)])
+    assert result.exit_code == 1
+    assert result.stderr.startswith("error: ") and "tiny-000000.tar: sample c00000_0000000" in result.stderr

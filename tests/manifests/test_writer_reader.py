@@ -1,0 +1,238 @@
+"""The format contract end to end: SourceWriter -> shards + manifests -> SourceReader / verify / webdataset."""
+
+from __future__ import annotations
+
+import multiprocessing
+import pickle
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from manifests import (ClassRecord, ManifestError, SourceReader, SourceWriter, find_sources, open_source,
+                       schema, verify_source)
+from manifests.writer import staging_dir
+
+INFO = dict(origin="test", converter_version="0", benchmark="md-v1", dataset_spec=None, sampling_spec=None)
+
+
+def _payload(class_id: int, index: int) -> bytes:
+    rng = np.random.RandomState(class_id * 1000 + index)
+    return b"\xff\xd8" + rng.bytes(int(rng.randint(10, 3000)))
+
+
+def _classes(counts):
+    return [ClassRecord(c, f"class_{c}", schema.SPLITS[c % 3], c // 2, n) for c, n in enumerate(counts)]
+
+
+def write_source(root: Path, counts, *, stop_after=None, **kw) -> SourceWriter:
+    """Write classes with the given image counts; stop (without finishing) after `stop_after` samples."""
+    kw.setdefault("fingerprint", {"counts": list(counts)})
+    writer = SourceWriter(root, "md", "toy", **kw)
+    done = writer.last_committed
+    n = 0
+    for c, count in enumerate(counts):
+        for i in range(count):
+            if done is not None and (c, i) <= done:
+                continue
+            if stop_after is not None and n == stop_after:
+                writer.abort()
+                return writer
+            writer.add(c, i, _payload(c, i), "png" if i % 7 == 3 else "jpg")
+            n += 1
+    writer.finish(_classes(counts), INFO)
+    return writer
+
+
+COUNTS = [5, 9, 1, 12, 3, 8]
+
+
+def test_every_sample_reads_back_byte_identical(tmp_path):
+    write_source(tmp_path, COUNTS, max_shard_samples=7)
+    reader = SourceReader(tmp_path / "md" / "toy")
+    assert reader.num_samples == sum(COUNTS)
+    for c, count in enumerate(COUNTS):
+        first, n = reader.class_range(c)
+        assert n == count
+        for i in range(count):
+            assert reader.read(first + i) == _payload(c, i)
+            assert reader.read_class_image(c, i) == _payload(c, i)
+    assert list(reader.class_ids("valid")) == [1, 4]
+    with pytest.raises(IndexError):
+        reader.read_class_image(0, 5)
+
+
+def test_shards_roll_over_by_count_and_by_bytes(tmp_path):
+    write_source(tmp_path / "a", COUNTS, max_shard_samples=10)
+    info = SourceReader(tmp_path / "a" / "md" / "toy").info
+    assert [s.num_samples for s in info.shards] == [10, 10, 10, 8]
+    write_source(tmp_path / "b", COUNTS, max_shard_bytes=5000)
+    info = SourceReader(tmp_path / "b" / "md" / "toy").info
+    assert len(info.shards) > 3 and sum(s.num_samples for s in info.shards) == sum(COUNTS)
+
+
+def test_samples_are_class_contiguous_in_record_order(tmp_path):
+    write_source(tmp_path, COUNTS, max_shard_samples=4)
+    samples = pq.read_table(tmp_path / "md" / "toy" / schema.SAMPLES_FILE).to_pandas()
+    assert list(zip(samples.class_id, samples.index_in_class)) == [
+        (c, i) for c, n in enumerate(COUNTS) for i in range(n)]
+    assert list(samples.key) == [schema.sample_key(c, i) for c, n in enumerate(COUNTS) for i in range(n)]
+    classes = pd.read_parquet(tmp_path / "md" / "toy" / schema.CLASSES_FILE)
+    assert list(classes.first_sample) == list(np.cumsum([0] + COUNTS[:-1]))
+    assert classes.superclass.tolist() == [c // 2 for c in range(len(COUNTS))]
+
+
+def test_same_input_gives_byte_identical_shards(tmp_path):
+    for name in "ab":
+        write_source(tmp_path / name, COUNTS, max_shard_samples=7)
+    a, b = (sorted((tmp_path / n / "md" / "toy").iterdir()) for n in "ab")
+    assert [p.name for p in a] == [p.name for p in b]
+    for pa_, pb in zip(a, b):
+        assert pa_.read_bytes() == pb.read_bytes(), pa_.name
+
+
+@pytest.mark.parametrize("stop_after", [0, 3, 7, 15, 30])
+def test_interrupted_write_resumes_to_identical_output(tmp_path, stop_after):
+    write_source(tmp_path / "full", COUNTS, max_shard_samples=7)
+    partial = write_source(tmp_path / "resumed", COUNTS, max_shard_samples=7, stop_after=stop_after)
+    assert partial.num_committed == (stop_after // 7) * 7
+    assert not (tmp_path / "resumed" / "md" / "toy").exists()  # nothing visible before finish()
+    write_source(tmp_path / "resumed", COUNTS, max_shard_samples=7)
+    for p in sorted((tmp_path / "full" / "md" / "toy").iterdir()):
+        assert (tmp_path / "resumed" / "md" / "toy" / p.name).read_bytes() == p.read_bytes(), p.name
+    assert not staging_dir(tmp_path / "resumed", "md", "toy").exists()
+
+
+def test_changed_input_discards_the_staged_partial_work(tmp_path):
+    write_source(tmp_path, COUNTS, max_shard_samples=7, stop_after=20, fingerprint={"v": 1})
+    writer = SourceWriter(tmp_path, "md", "toy", fingerprint={"v": 2}, max_shard_samples=7)
+    assert writer.num_committed == 0 and writer.last_committed is None
+
+
+def test_out_of_order_samples_are_rejected(tmp_path):
+    writer = SourceWriter(tmp_path, "md", "toy", fingerprint={})
+    writer.add(1, 0, b"x", "jpg")
+    with pytest.raises(ValueError, match="order"):
+        writer.add(0, 5, b"x", "jpg")
+    with pytest.raises(ValueError, match="format"):
+        writer.add(2, 0, b"x", "gif")
+
+
+def test_finish_rejects_a_class_count_mismatch(tmp_path):
+    writer = SourceWriter(tmp_path, "md", "toy", fingerprint={})
+    for i in range(3):
+        writer.add(0, i, b"x", "jpg")
+    with pytest.raises(ValueError, match="class 0: 4 images expected, 3 written"):
+        writer.finish([ClassRecord(0, "a", "train", None, 4)], INFO)
+
+
+def test_reader_keeps_open_files_bounded(tmp_path):
+    write_source(tmp_path, [40] * 5, max_shard_samples=2)  # 100 shards
+    reader = SourceReader(tmp_path / "md" / "toy", max_open_files=4)
+    rng = np.random.RandomState(0)
+    for i in rng.randint(0, reader.num_samples, size=500):
+        reader.read(int(i))
+        assert reader.num_open_files <= 4
+    reader.close()
+    assert reader.num_open_files == 0
+
+
+def _read_all_in_child(reader: SourceReader) -> list[int]:
+    return [zlib.crc32(reader.read(i)) for i in range(reader.num_samples)]
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_reader_works_in_worker_processes(tmp_path, method):
+    write_source(tmp_path, COUNTS, max_shard_samples=5)
+    reader = SourceReader(tmp_path / "md" / "toy")
+    reader.read(0)  # the parent holds a descriptor before forking
+    expected = _read_all_in_child(reader)
+    ctx = multiprocessing.get_context(method)
+    with ctx.Pool(2) as pool:
+        for got in pool.map(_read_all_in_child, [reader, reader]):
+            assert got == expected
+    assert _read_all_in_child(pickle.loads(pickle.dumps(reader))) == expected
+
+
+def test_webdataset_reads_the_same_samples(tmp_path):
+    wds = pytest.importorskip("webdataset")
+    write_source(tmp_path, COUNTS, max_shard_samples=7)
+    reader = SourceReader(tmp_path / "md" / "toy")
+    urls = [str(reader.path / s.name) for s in reader.info.shards]
+    got = list(wds.WebDataset(urls, shardshuffle=False))
+    samples = reader.samples().to_pandas()
+    assert [g["__key__"] for g in got] == list(samples.key)
+    for i, g in enumerate(got):
+        image = g.get("jpg", g.get("png"))
+        assert image == reader.read(i)
+        assert int(g["cls"]) == samples.class_id[i]
+
+
+def test_verify_accepts_a_good_source_and_decodes_through_the_callback(tmp_path):
+    write_source(tmp_path, COUNTS, max_shard_samples=7)
+    seen = []
+    report = verify_source(tmp_path / "md" / "toy", decode=seen.append)
+    assert report.num_samples == sum(COUNTS) == report.decoded == len(seen)
+    assert report.num_shards == 6
+
+
+def test_verify_names_the_shard_and_key_of_a_corrupted_image(tmp_path):
+    write_source(tmp_path, COUNTS, max_shard_samples=7)
+    src = tmp_path / "md" / "toy"
+    samples = pq.read_table(src / schema.SAMPLES_FILE).to_pandas()
+    row = samples.iloc[9]
+    shard = src / schema.shard_name("toy", int(row.shard))
+    data = bytearray(shard.read_bytes())
+    data[int(row.offset) + 1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ManifestError, match=rf"toy-000001\.tar: sample {row.key} \(row 9\): image bytes"):
+        verify_source(src)
+
+
+def test_verify_reports_a_truncated_shard(tmp_path):
+    write_source(tmp_path, COUNTS, max_shard_samples=7)
+    shard = tmp_path / "md" / "toy" / schema.shard_name("toy", 2)
+    shard.write_bytes(shard.read_bytes()[:3000])
+    with pytest.raises(ManifestError, match="toy-000002.tar"):
+        verify_source(tmp_path / "md" / "toy")
+
+
+def test_verify_reports_an_index_that_disagrees_with_the_manifest(tmp_path):
+    write_source(tmp_path, COUNTS)
+    src = tmp_path / "md" / "toy"
+    index = np.load(src / schema.INDEX_FILE)
+    index["offset"][4] += 512
+    np.save(src / schema.INDEX_FILE, index)
+    with pytest.raises(ManifestError, match="index.npy: column offset differs .* row \\[4\\]"):
+        verify_source(src)
+
+
+def test_open_source_finds_sources_and_explains_missing_ones(tmp_path):
+    write_source(tmp_path, COUNTS)
+    assert find_sources(tmp_path) == [tmp_path / "md" / "toy"]
+    assert open_source(tmp_path, "toy").name == "toy"
+    with pytest.raises(ManifestError, match="no converted source named 'nope'"):
+        open_source(tmp_path, "nope")
+    write_source(tmp_path / "partial", COUNTS, max_shard_samples=7, stop_after=10)
+    with pytest.raises(ManifestError, match="interrupted conversion"):
+        SourceReader(tmp_path / "partial" / "md" / "toy")
+
+
+def test_source_json_with_an_unknown_format_version_is_refused(tmp_path):
+    write_source(tmp_path, COUNTS)
+    path = tmp_path / "md" / "toy" / schema.SOURCE_FILE
+    path.write_text(path.read_text().replace('"format_version": 1', '"format_version": 99'))
+    with pytest.raises(ManifestError, match="format version 99"):
+        SourceReader(tmp_path / "md" / "toy")
+
+
+def test_keys_and_names_follow_the_webdataset_rules():
+    schema.check_key(schema.sample_key(99999, 9999999))
+    for bad in ("a.b", "a/b", "x" * 100):
+        with pytest.raises(ValueError):
+            schema.check_key(bad)
+    with pytest.raises(ValueError):
+        schema.check_name("source", "Bad-Name")
