@@ -22,26 +22,33 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from benchmarks import decode_bench
 from lite_train.data.episode_description import EpisodeDescriptionConfig, EpisodeDescriptionSampler, sampler_rngs
-from lite_train.data.episodes import EpisodeDataset, EpisodePlanner, open_readers
+from lite_train.data.episodes import EpisodePlanner, open_readers
+from lite_train.data.loader import EpisodeLoader, EpisodeLoaderConfig
 from manifests import ClassRecord, SourceWriter
 from manifests.md_spec import load_md_spec
 
 SPECS = Path(__file__).resolve().parents[2] / "shared" / "data" / "md_specs"
 
 
-class _InstrumentedDataset(EpisodeDataset):
-    """EpisodeDataset that also reports the worker's open descriptors and peak RSS after each episode."""
+def _process_stats(pid: int) -> tuple[int, int, float]:
+    """(open descriptors, of which .tar shards, peak RSS in MB) of a live process, from /proc."""
+    fd_dir = Path(f"/proc/{pid}/fd")
+    targets = []
+    for fd in fd_dir.iterdir():
+        try:
+            targets.append(os.readlink(fd))
+        except OSError:
+            pass
+    status = Path(f"/proc/{pid}/status").read_text()
+    hwm_kb = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM")))
+    return len(targets), sum(t.endswith(".tar") for t in targets), hwm_kb / 1024
 
-    def __getitem__(self, plan):
-        episode = super().__getitem__(plan)
-        episode["pid"] = os.getpid()
-        episode["open_fds"] = len(os.listdir("/proc/self/fd"))
-        episode["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        return episode
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
 def write_source(root: Path, name: str, images: list[bytes], num_classes: int, per_class: int) -> None:
@@ -50,7 +57,7 @@ def write_source(root: Path, name: str, images: list[bytes], num_classes: int, p
             "images_per_class": {str(c): per_class for c in range(num_classes)},
             "class_names": {str(c): f"class_{c}" for c in range(num_classes)},
             "path": "", "file_pattern": "{}.tfrecords"}
-    writer = SourceWriter(root, "md", name, fingerprint={}, max_shard_samples=2000)
+    writer = SourceWriter(root, "md", name, fingerprint={}, max_shard_samples=200)
     for c in range(num_classes):
         for i in range(per_class):
             writer.add(c, i, images[(c * per_class + i) % len(images)], "jpg")
@@ -60,23 +67,22 @@ def write_source(root: Path, name: str, images: list[bytes], num_classes: int, p
 
 
 def run_loader(root: Path, source: str, size: int, workers: int, episodes: int, seed: int = 0) -> dict:
-    readers = open_readers(root, [source])
-    planner = EpisodePlanner(readers, "train", seed, num_episodes=episodes)
-    dataset = _InstrumentedDataset(readers, size)
-    loader = DataLoader(dataset, sampler=planner, batch_size=None, num_workers=workers,
-                        worker_init_fn=(lambda _: torch.set_num_threads(1)) if workers else None)
-    warm = max(workers, 1)  # the first round includes worker start-up: timed from its end
-    t0, images, stats = None, 0, {}
-    for i, ep in enumerate(loader):
+    """Loader rates over `episodes` episodes after a warm-up round, plus worker descriptors and memory."""
+    warm = 2  # the first episodes include worker start-up: timing starts once they are out
+    cfg = EpisodeLoaderConfig(data=str(root), sources=(source,), split="train", seed=seed, image_size=size,
+                              num_episodes=episodes + warm, num_workers=workers)
+    t0, images, stats = None, 0, []
+    for i, ep in enumerate(EpisodeLoader(cfg)):
         if i == warm - 1:
             t0 = time.perf_counter()
         elif i >= warm:
             images += len(ep["support_labels"]) + len(ep["query_labels"])
-        stats[ep["pid"]] = (ep["open_fds"], ep["peak_rss_mb"])
+        pids = _children(os.getpid()) if workers else [os.getpid()]
+        stats += [_process_stats(pid) for pid in pids]
     elapsed = time.perf_counter() - t0
-    return {"episodes_per_s": (episodes - warm) / elapsed, "images_per_s": images / elapsed,
-            "max_open_fds": max(s[0] for s in stats.values()),
-            "peak_rss_mb": max(s[1] for s in stats.values())}
+    return {"episodes_per_s": episodes / elapsed, "images_per_s": images / elapsed,
+            "max_open_fds": max(s[0] for s in stats), "max_shard_fds": max(s[1] for s in stats),
+            "peak_rss_mb": max(s[2] for s in stats)}
 
 
 def sampler_speed(n: int = 2000) -> list[tuple[str, float, float]]:
@@ -105,7 +111,7 @@ def planner_speed(root: Path, source: str, n: int = 500) -> float:
 
 def main(argv: list[str] | None = None) -> str:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--episodes", type=int, default=6, help="episodes per loader row (after warm-up)")
+    ap.add_argument("--episodes", type=int, default=12, help="episodes per loader row (after warm-up)")
     ap.add_argument("--unique-images", type=int, default=300)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -122,22 +128,24 @@ def main(argv: list[str] | None = None) -> str:
                   f"{args.episodes} timed episodes per row after a warm-up round; TF bound = "
                   "tf.io.decode_jpeg + TF1 bilinear align_corners in as many single-threaded processes.", "",
                   "| size | workers | episodes/s | images/s | TF bound images/s | ratio | max open fds/process "
-                  "| peak RSS/process (MB) |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| shard fds/process | peak RSS/process (MB) |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for size in (84, 224):
             bounds = {p: decode_bench.measure("tf", size, p, str(data_file), 2) for p in (1, 2)}
             for workers in (0, 1, 2):
-                r = run_loader(root, "bench", size, workers, args.episodes + max(workers, 1))
+                r = run_loader(root, "bench", size, workers, args.episodes)
                 bound = bounds[max(workers, 1)]
                 lines.append(f"| {size} | {workers} | {r['episodes_per_s']:.2f} | {r['images_per_s']:.0f} | "
-                             f"{bound:.0f} | {r['images_per_s'] / bound:.2f} | {r['max_open_fds']} | "
+                             f"{bound:.0f} | {r['images_per_s'] / bound:.2f} | {r['max_open_fds']} | {r['max_shard_fds']} | "
                              f"{r['peak_rss_mb']:.0f} |")
         tiny = [images[0]]
         lines += ["", "Worker memory vs number of classes (2 workers, 84 px, 20 episodes, 20 images per class):",
-                  "", "| classes | samples | peak RSS/worker (MB) | max open fds/worker |", "|---:|---:|---:|---:|"]
+                  "", "| classes | shards | samples | peak RSS/worker (MB) | open fds/worker | shard fds/worker |",
+                  "|---:|---:|---:|---:|---:|---:|"]
         for classes in (50, 5000):
             write_source(root, f"c{classes}", tiny, num_classes=classes, per_class=20)
             r = run_loader(root, f"c{classes}", 84, 2, 20)
-            lines.append(f"| {classes} | {classes * 20} | {r['peak_rss_mb']:.0f} | {r['max_open_fds']} |")
+            lines.append(f"| {classes} | {-(-classes * 20 // 200)} | {classes * 20} | {r['peak_rss_mb']:.0f} | "
+                         f"{r['max_open_fds']} | {r['max_shard_fds']} |")
         lines += ["", "Sampling alone (main process, no images):", "", "| what | per second |", "|---|---:|"]
         for name, rate in sampler_speed():
             lines.append(f"| descriptions, {name} (real MD spec) | {rate:.0f} |")

@@ -62,7 +62,7 @@ def episodes(
 ) -> None:
     """Draw sampled episodes as a labelled image grid: support per class on the left, query on the right."""
     from lite_train.data.episode_grid import render_episodes
-    from lite_train.data.episodes import EpisodeLoaderConfig, make_episode_loader
+    from lite_train.data.loader import EpisodeLoaderConfig, make_episode_loader
     from manifests import ManifestError
 
     cfg = EpisodeLoaderConfig(data=str(data), sources=(source,), split=split, seed=seed,
@@ -70,7 +70,7 @@ def episodes(
     try:
         loader = make_episode_loader(cfg)
         drawn = list(loader)
-        reader = loader.dataset.readers[0]
+        reader = loader.readers[0]
         names = dict(zip(reader.classes["class_id"].to_pylist(), reader.classes["name"].to_pylist()))
         picture = render_episodes(drawn, names)
         out.parent.mkdir(parents=True, exist_ok=True)

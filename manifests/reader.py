@@ -80,6 +80,12 @@ class FilePool:
                     os.close(fd)
             self._fds.clear()
 
+    def __del__(self):
+        if self._pid == os.getpid():  # descriptors inherited through fork belong to the parent's pool
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
     # A pool travels to worker processes empty: descriptors are opened where they are used.
     def __getstate__(self):
         return {"max_open": self.max_open}

@@ -1,13 +1,8 @@
-"""Episodes from converted sources: descriptions + cursors -> plans (main process) -> pixels (workers).
+"""Episode plans: converted sources + seed in, EpisodePlans (which stored samples form each episode) out.
 
-Assembly (`make_episode_loader`), and the record that flows out of each step:
-
-    EpisodePlanner   seed, sources           -> EpisodePlan   (which samples; pure numpy, cheap, sequential)
-    DataLoader       plans, num_workers      -> EpisodePlan   (sent to a worker process, order preserved)
-    EpisodeDataset   EpisodePlan             -> Episode       (read + decode + resize into shared tensors)
-
-Planning runs in the main process, so episode i is a function of (seed, i) alone, whatever the number of
-workers; workers only do I/O and decoding, the physical limit of the loader.
+Planning is pure NumPy and cheap (thousands of plans per second): MD's description sampler picks classes and
+shots, the per-class streams pick the images (cursor + flush). It runs sequentially in the main process, so
+episode i is a function of (seed, i) alone; `lite_train.data.loader` turns plans into pixels.
 """
 
 from __future__ import annotations
@@ -18,10 +13,8 @@ from typing import Iterator, Sequence, TypedDict
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from lite_train.data.class_stream import ORDERS, ClassStream
-from lite_train.data.decode import decode_resize_into
 from lite_train.data.episode_description import (EpisodeDescriptionConfig, EpisodeDescriptionSampler,
                                                  sampler_rngs)
 from manifests import FilePool, SourceReader, open_source
@@ -156,102 +149,7 @@ class EpisodePlanner:
                            np.concatenate(support), np.concatenate(query))
 
 
-class EpisodeDataset(Dataset):
-    """Map-style dataset whose "index" is an EpisodePlan: reads and decodes the planned samples.
-
-    Args:
-        readers: the same sources, in the same order, as the planner's.
-        image_size: H = W of the output images.
-        dct_scale: fast mode: let the JPEG decoder downscale in the DCT domain first (not TF-identical).
-    """
-
-    def __init__(self, readers: Sequence[SourceReader], image_size: int, *, dct_scale: bool = False):
-        self.readers = list(readers)
-        self.image_size = image_size
-        self.dct_scale = dct_scale
-
-    def __getitem__(self, plan: EpisodePlan) -> Episode:
-        reader = self.readers[plan.source_index]
-        class_ids = torch.from_numpy(plan.class_ids)
-        support_labels = torch.from_numpy(plan.support_labels)
-        query_labels = torch.from_numpy(plan.query_labels)
-        return Episode(
-            index=plan.index,
-            source=plan.source,
-            support_images=self._images(reader, plan.support),
-            support_labels=support_labels,
-            support_class_ids=class_ids[support_labels],
-            query_images=self._images(reader, plan.query),
-            query_labels=query_labels,
-            query_class_ids=class_ids[query_labels],
-        )
-
-    def _images(self, reader: SourceReader, samples: np.ndarray) -> torch.Tensor:
-        shape = (len(samples), 3, self.image_size, self.image_size)  # (n, 3, H, W)
-        images = _shared_empty(shape) if get_worker_info() is not None else torch.empty(shape)
-        out = images.numpy()
-        for i, sample in enumerate(samples):
-            data = reader.read(int(sample))
-            try:
-                decode_resize_into(data, out[i], self.image_size, dct_scale=self.dct_scale)
-            except ValueError as e:
-                raise ValueError(f"{reader.locate(int(sample))}: {e}") from None
-        return images
-
-
-def _shared_empty(shape: tuple[int, ...]) -> torch.Tensor:
-    """An uninitialised float32 tensor allocated directly in shared memory.
-
-    A worker's episode tensor is handed to the main process; in shared memory that costs nothing, where
-    `torch.empty(...).share_memory_()` would first copy the whole episode (~330 MB at 224 px).
-    """
-    numel = int(np.prod(shape))
-    try:
-        storage = torch.UntypedStorage._new_shared(numel * 4)
-    except AttributeError:  # a torch without the private constructor: allocate, then move (one copy)
-        return torch.empty(shape).share_memory_()
-    return torch.empty(0).set_(storage, 0, shape)
-
-
-def _worker_init(_worker_id: int) -> None:
-    torch.set_num_threads(1)  # one decode per process: intra-op threads would only contend
-
-
-@dataclasses.dataclass(frozen=True)
-class EpisodeLoaderConfig:
-    """Everything that decides which episodes a loader yields and how they look."""
-
-    data: str  # root of converted sources (holds <group>/<source>/)
-    sources: tuple[str, ...]  # source names, e.g. ("omniglot",) or the 8 MD-v2 training sources
-    split: str = "train"
-    seed: int = 0
-    image_size: int = 84
-    order: str = "md"  # per-pass image order: "md" | "uniform"
-    use_hierarchy: bool = True
-    num_episodes: int | None = None  # None = infinite
-    start: int = 0  # first episode index (resume)
-    num_workers: int = 2
-    pin_memory: bool = False
-    prefetch_factor: int = 2
-    max_open_files: int = 64  # per process, over all sources
-    dct_scale: bool = False  # fast, not TF-identical decoding (docs/fidelity.md)
-
-
 def open_readers(data: str | Path, sources: Sequence[str], max_open_files: int = 64) -> list[SourceReader]:
     """Open converted sources sharing one bounded file pool (per process, also after pickling)."""
     pool = FilePool(max_open_files)
     return [open_source(data, name, pool=pool) for name in sources]
-
-
-def make_episode_loader(cfg: EpisodeLoaderConfig,
-                        description: EpisodeDescriptionConfig = EpisodeDescriptionConfig()) -> DataLoader:
-    """A DataLoader of Episodes (batch_size=None: one episode per item), identical for any num_workers."""
-    readers = open_readers(cfg.data, cfg.sources, cfg.max_open_files)
-    planner = EpisodePlanner(readers, cfg.split, cfg.seed, description, order=cfg.order,
-                             num_episodes=cfg.num_episodes, start=cfg.start, use_hierarchy=cfg.use_hierarchy)
-    dataset = EpisodeDataset(readers, cfg.image_size, dct_scale=cfg.dct_scale)
-    workers = cfg.num_workers
-    return DataLoader(dataset, sampler=planner, batch_size=None, num_workers=workers,
-                      pin_memory=cfg.pin_memory, worker_init_fn=_worker_init if workers else None,
-                      prefetch_factor=cfg.prefetch_factor if workers else None,
-                      persistent_workers=False)

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from lite_train.data.episode_description import EpisodeDescriptionConfig, EpisodeDescriptionSampler, sampler_rngs
-from lite_train.data.episodes import EpisodeLoaderConfig, EpisodePlanner, make_episode_loader, open_readers, sampling_spec
+from lite_train.data.episodes import EpisodePlanner, open_readers, sampling_spec
+from lite_train.data.loader import EpisodeLoaderConfig, make_episode_loader
 
 from tests.lite_train.tiny_sources import class_colour
 
