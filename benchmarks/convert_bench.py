@@ -95,7 +95,7 @@ def run(classes: int, per_class: int, size: int, workdir: Path, seed: int = 0) -
     rows = [("raw sequential read", _timed(read_all)), ("shutil.copyfile", _timed(copy_all)),
             ("lite-convert md", _timed(convert))]
     copy_s = rows[1][1]
-    lines = [f"# Conversion throughput ({classes} classes x {per_class} records, ~{size / 1e3:.0f} KB each, "
+    lines = [f"Conversion throughput ({classes} classes x {per_class} records, ~{size / 1e3:.0f} KB each, "
              f"{total / 1e6:,.0f} MB of records, page-cached)", "",
              "| step | seconds | MB/s | records/s | time vs copy |", "|---|---:|---:|---:|---:|"]
     for name, seconds in rows:

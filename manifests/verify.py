@@ -84,6 +84,8 @@ def verify_source(
                 _check(row < len(keys), shard_path, f"extra member {label_member.name!r} after the last sample")
                 key = keys[row]
                 ctx = f"{shard_path}: sample {key} (row {row})"
+                _check(key == schema.sample_key(int(class_ids[row]), int(index_in_class[row])), ctx,
+                       f"key does not follow the key rule for class {class_ids[row]}, index {index_in_class[row]}")
                 _check(shard_col[row] == shard_no, shard_path, f"row {row} ({key}) belongs to shard {shard_col[row]}")
                 _check(label_member.name == f"{key}.{schema.LABEL_EXTENSION}", ctx,
                        f"expected member {key}.{schema.LABEL_EXTENSION}, found {label_member.name!r}")

@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw
 from lite_train.data.episodes import Episode
 
 _PAD = 4
-_LABEL_W = 190
+_LABEL_W = 240
 _GAP = 18  # between the support and the query block of a row
 _TITLE_H = 22
 _BG = (255, 255, 255)
@@ -58,7 +58,7 @@ def render_episodes(episodes: Sequence[Episode], class_names: dict[int, str], *,
         for label in range(ways):
             class_id = int(ep["support_class_ids"][s_labels == label][0])
             name = class_names.get(class_id, "?")
-            draw.text((_PAD, y + thumb // 2 - 12), f"{label}: {name[:26]}", fill=_INK)
+            draw.text((_PAD, y + thumb // 2 - 12), f"{label}: {name[:34]}", fill=_INK)
             draw.text((_PAD, y + thumb // 2 + 2), f"class {class_id}", fill=_INK)
             x = _LABEL_W
             for images, labels, tint in ((support, s_labels, None), (query, q_labels, _QUERY_TINT)):

@@ -1,6 +1,6 @@
 """Fixtures: tiny Meta-Dataset records folders written by TensorFlow's own writer, in MD's exact layout.
 
-Specs are the real ones from /work/shared/data/md_specs with images_per_class shrunk to 1-3 (every class id
+Specs are the real ones in shared/data/md_specs with images_per_class shrunk to 1-3 (every class id
 kept, so ImageNet's graphs stay valid; internal-node counts are recomputed as sums over their leaves).
 """
 
@@ -18,7 +18,9 @@ from PIL import Image
 
 from convert.demo_data import write_md_records
 
-SPECS = Path("/work/shared/data/md_specs")
+from tests.shared_specs import SPECS_DIR
+
+SPECS = SPECS_DIR
 
 
 def encode(rng: np.random.RandomState, mode: str = "RGB", fmt: str = "JPEG", side: int = 8) -> bytes:
@@ -83,7 +85,7 @@ def write_real_shrunk(root: Path, spec_file: str, rng: np.random.RandomState) ->
 def md_records(tmp_path_factory) -> dict:
     """A records root with shrunk dtd (flat; gray, CMYK, PNG payloads), omniglot (bilevel), ilsvrc_2012."""
     if not SPECS.is_dir():
-        pytest.skip(f"no dataset specs under {SPECS}")
+        pytest.fail(f"no dataset specs under {SPECS}")
     root = tmp_path_factory.mktemp("records")
     rng = np.random.RandomState(1)
     spec = shrink_spec(json.loads((SPECS / "dtd_dataset_spec.json").read_text()), rng)

@@ -13,7 +13,9 @@ from convert.md import ConvertConfig, convert_planned, plan_datasets
 from manifests import open_source, verify_source
 from manifests.md_spec import load_md_spec, md_v2_view
 
-SPECS = Path("/work/shared/data/md_specs")
+from tests.shared_specs import SPECS_DIR
+
+SPECS = SPECS_DIR
 
 
 def _convert(records: Path, out: Path, **kwargs):

@@ -19,8 +19,10 @@ from convert.mnist import encode_digit, md_file_order, mnist_md_spec
 from manifests import open_source
 from manifests.md_spec import md_v2_view, parse_md_spec
 
+from tests.shared_specs import SPECS_DIR
+
 runner = CliRunner()
-LITE_MNIST = Path("/work/shared/data/md_specs/lite_v2_mnist_dataset_spec.json")
+LITE_MNIST = SPECS_DIR / "lite_v2_mnist_dataset_spec.json"
 
 
 @pytest.fixture

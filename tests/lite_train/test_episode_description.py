@@ -19,12 +19,8 @@ from lite_train.data.episode_description import (
 )
 from manifests.md_spec import load_md_spec, parse_md_spec
 
-# MD's shipped specs live in shared/ beside the repository (CI lays a copy there too).
-_SPEC_DIRS = [pathlib.Path(__file__).resolve().parents[3] / "shared" / "data" / "md_specs",
-              pathlib.Path("/work/shared/data/md_specs")]
-SPECS_DIR = next((d for d in _SPEC_DIRS if d.is_dir()), _SPEC_DIRS[0])
+from tests.shared_specs import SPECS_DIR  # MD's shipped specs, in shared/ beside the repository
 GOLDEN = pathlib.Path(__file__).parent / "golden" / "episode_descriptions.json"
-pytestmark = pytest.mark.skipif(not SPECS_DIR.is_dir(), reason=f"no dataset specs under {SPECS_DIR}")
 
 N_EPISODES = 10_000
 N_REFERENCE = 20_000  # episodes behind each row of the §4.12 table
