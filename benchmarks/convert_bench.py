@@ -19,27 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from convert.tfrecord import frame
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
-        n >>= 7
-        if not n:
-            return bytes(out)
-
-
-def _ld(field: int, body: bytes) -> bytes:
-    return _varint(field << 3 | 2) + _varint(len(body)) + body
-
-
-def example(image: bytes, label: int) -> bytes:
-    """A serialized tf.train.Example {image: bytes, label: int64}, as TF serializes it."""
-    image_entry = _ld(1, _ld(1, b"image") + _ld(2, _ld(1, _ld(1, image))))
-    label_entry = _ld(1, _ld(1, b"label") + _ld(2, _ld(3, _ld(1, _varint(label)))))
-    return _ld(1, image_entry + label_entry)
+from convert.tfrecord import encode_md_example, frame
 
 
 def write_synthetic(root: Path, classes: int, per_class: int, size: int, seed: int) -> int:
@@ -54,7 +34,7 @@ def write_synthetic(root: Path, classes: int, per_class: int, size: int, seed: i
             for _ in range(per_class):
                 n = int(rng.randint(size * 3 // 4, size * 5 // 4))
                 start = int(rng.randint(0, len(pool) - n))
-                total += f.write(frame(example(b"\xff\xd8\xff\xe0" + pool[start:start + n - 4], c)))
+                total += f.write(frame(encode_md_example(b"\xff\xd8\xff\xe0" + pool[start:start + n - 4], c)))
     spec = {"name": "bench", "classes_per_split": {"TRAIN": classes, "VALID": 0, "TEST": 0},
             "images_per_class": {str(c): per_class for c in range(classes)},
             "class_names": {str(c): f"class_{c}" for c in range(classes)},

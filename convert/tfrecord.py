@@ -36,6 +36,29 @@ def frame(payload: bytes) -> bytes:
     return length + _CRC.pack(masked_crc(length)) + payload + _CRC.pack(masked_crc(payload))
 
 
+def encode_varint(n: int) -> bytes:
+    """Protobuf base-128 varint of a non-negative int (negative int64 values: pass n & (2**64 - 1))."""
+    out = bytearray()
+    while True:
+        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
+
+
+def length_delimited(field: int, body: bytes) -> bytes:
+    """Protobuf field `field` of wire type 2 (bytes / sub-message)."""
+    return encode_varint(field << 3 | 2) + encode_varint(len(body)) + body
+
+
+def encode_md_example(image: bytes, label: int) -> bytes:
+    """A serialized `tf.train.Example` {image: bytes, label: int64 >= 0}, byte-equal to TF's serialization."""
+    ld = length_delimited
+    image_entry = ld(1, ld(1, b"image") + ld(2, ld(1, ld(1, image))))
+    label_entry = ld(1, ld(1, b"label") + ld(2, ld(3, ld(1, encode_varint(label)))))
+    return ld(1, image_entry + label_entry)
+
+
 def write_records(path: str | os.PathLike, payloads: Iterable[bytes]) -> None:
     """Write `payloads` as a TFRecord file (plain framing writer; TF's own writer gives the same bytes)."""
     with open(path, "wb") as f:

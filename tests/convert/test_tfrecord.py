@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from convert.demo_data import write_md_records
-from convert.tfrecord import RecordError, frame, iter_records, parse_example, read_md_example, write_records
+from convert.tfrecord import (RecordError, encode_md_example, encode_varint, frame, iter_records, length_delimited,
+                              parse_example, read_md_example, write_records)
 
 
 def _example_payload(image: bytes, label: int) -> bytes:
@@ -20,17 +21,8 @@ def _example_payload(image: bytes, label: int) -> bytes:
     })).SerializeToString()
 
 
-def _len(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
-        n >>= 7
-        if not n:
-            return bytes(out)
-
-
-def _ld(field: int, body: bytes) -> bytes:
-    return _len(field << 3 | 2) + _len(len(body)) + body
+_len = encode_varint
+_ld = length_delimited
 
 
 def test_plain_framing_equals_tf_writer_bytes(tmp_path):
@@ -84,3 +76,15 @@ def test_truncated_file_is_detected(tmp_path, cut):
     path.write_bytes(data[:-cut])
     with pytest.raises(RecordError, match=r"t\.tfrecords: record 1 .*truncated"):
         list(iter_records(path))
+
+
+def test_plain_example_encoder_equals_tf_serialization():
+    tf = pytest.importorskip("tensorflow")
+    for image, label in ((b"", 0), (b"\xff\xd8" * 300, 7), (bytes(range(256)) * 9, 1622)):
+        ours = encode_md_example(image, label)
+        theirs = tf.train.Example(features=tf.train.Features(feature={
+            "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[image])),
+            "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[label])),
+        })).SerializeToString()
+        assert ours == theirs
+        assert read_md_example(ours, "x") == (image, label)
