@@ -2,8 +2,8 @@
 
 from lite_train.data.decode import decode_resize_into, decode_rgb
 from lite_train.data.episode_description import EpisodeDescriptionConfig, EpisodeDescriptionSampler, sampler_rngs
-from lite_train.data.episodes import Episode, EpisodePlan, EpisodePlanner, open_readers
-from lite_train.data.loader import EpisodeLoader, EpisodeLoaderConfig, make_episode_loader
+from lite_train.data.episodes import EpisodePlan, EpisodePlanner, open_readers
+from lite_train.data.loader import Episode, EpisodeLoader, EpisodeLoaderConfig, make_episode_loader
 
 __all__ = [
     "Episode",

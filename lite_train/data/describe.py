@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Iterator
 
 from lite_train.data.episode_description import (
@@ -31,7 +30,7 @@ def describe(spec: MDSpec, split: str, seed: int, count: int, ignore_hierarchy: 
     """
     config = config or EpisodeDescriptionConfig()
     if ignore_hierarchy:
-        config = dataclasses.replace(config, ignore_dag_ontology=True, ignore_bilevel_ontology=True)
+        config = config.without_hierarchy()
     sampler = EpisodeDescriptionSampler(spec, split, config, sampler_rngs(seed, 1)[0])
     for _ in range(count):
         yield [list(entry) for entry in sampler.sample()]

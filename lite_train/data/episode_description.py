@@ -97,6 +97,10 @@ class EpisodeDescriptionConfig:
             raise ValueError(f"ignore_hierarchy_probability must be in [0, 1], "
                              f"got {self.ignore_hierarchy_probability}")
 
+    def without_hierarchy(self) -> "EpisodeDescriptionConfig":
+        """The same law with classes sampled uniformly: ImageNet DAG and Omniglot alphabets ignored."""
+        return dataclasses.replace(self, ignore_dag_ontology=True, ignore_bilevel_ontology=True)
+
 
 def compute_num_query(images_per_class: np.ndarray, max_num_query: int, num_support) -> int:
     """Query shots per class q, the same for every class of the episode (MD §4.4).

@@ -11,7 +11,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from lite_train.data.episodes import Episode
+from lite_train.data.loader import Episode
 
 _PAD = 4
 _LABEL_W = 240

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Iterator, Sequence, TypedDict
+from typing import Iterator, Sequence
 
 import numpy as np
-import torch
 
 from lite_train.data.class_stream import ORDERS, ClassStream
 from lite_train.data.episode_description import (EpisodeDescriptionConfig, EpisodeDescriptionSampler,
@@ -48,19 +47,6 @@ class EpisodePlan:
     @property
     def query_labels(self) -> np.ndarray:  # (M,)
         return np.repeat(np.arange(len(self.description)), [q for _, _, q in self.description])
-
-
-class Episode(TypedDict):
-    """One episode as the loader yields it. Images are float32 in [-1, 1], NCHW."""
-
-    index: int
-    source: str
-    support_images: torch.Tensor  # (N, 3, H, W)
-    support_labels: torch.Tensor  # (N,) int64, 0..ways-1 = description position
-    support_class_ids: torch.Tensor  # (N,) int64 absolute class ids
-    query_images: torch.Tensor  # (M, 3, H, W)
-    query_labels: torch.Tensor  # (M,)
-    query_class_ids: torch.Tensor  # (M,)
 
 
 def sampling_spec(reader: SourceReader) -> MDSpec:
@@ -101,7 +87,7 @@ class EpisodePlanner:
         if order not in ORDERS:
             raise ValueError(f"order {order!r} is not one of {ORDERS}")
         if not use_hierarchy:
-            config = dataclasses.replace(config, ignore_dag_ontology=True, ignore_bilevel_ontology=True)
+            config = config.without_hierarchy()
         self.readers = list(readers)
         self.split, self.seed, self.config, self.order = split, seed, config, order
         self.num_episodes, self.start = num_episodes, start

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Iterator, Sequence
+from typing import Iterator, Sequence, TypedDict
 
 import numpy as np
 import torch
@@ -30,8 +30,21 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lite_train.data.decode import decode_resize_into
 from lite_train.data.episode_description import EpisodeDescriptionConfig
-from lite_train.data.episodes import Episode, EpisodePlan, EpisodePlanner, open_readers
+from lite_train.data.episodes import EpisodePlan, EpisodePlanner, open_readers
 from manifests import SourceReader
+
+
+class Episode(TypedDict):
+    """One episode as the loader yields it. Images are float32 in [-1, 1], NCHW."""
+
+    index: int
+    source: str
+    support_images: torch.Tensor  # (N, 3, H, W)
+    support_labels: torch.Tensor  # (N,) int64, 0..ways-1 = description position
+    support_class_ids: torch.Tensor  # (N,) int64 absolute class ids
+    query_images: torch.Tensor  # (M, 3, H, W)
+    query_labels: torch.Tensor  # (M,)
+    query_class_ids: torch.Tensor  # (M,)
 
 
 @dataclasses.dataclass(frozen=True)
