@@ -52,7 +52,12 @@ def length_delimited(field: int, body: bytes) -> bytes:
 
 
 def encode_md_example(image: bytes, label: int) -> bytes:
-    """A serialized `tf.train.Example` {image: bytes, label: int64 >= 0}, byte-equal to TF's serialization."""
+    """A serialized `tf.train.Example` {image: bytes, label: int64 >= 0}.
+
+    Byte-equal to TF's *deterministic* serialization (map entries sorted by key). Plain
+    `SerializeToString()` may emit the two entries in either order (protobuf leaves map order
+    unspecified), so readers must not assume one; `read_md_example` does not.
+    """
     ld = length_delimited
     image_entry = ld(1, ld(1, b"image") + ld(2, ld(1, ld(1, image))))
     label_entry = ld(1, ld(1, b"label") + ld(2, ld(3, ld(1, encode_varint(label)))))
