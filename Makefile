@@ -26,7 +26,7 @@ demo: $(STAMP)
 	$(BIN)/lite-convert demo-data $(DEMO)/records
 	$(BIN)/lite-convert md --records $(DEMO)/records --out $(DEMO)/shards --workers 2
 	$(BIN)/lite-convert mnist --idx-dir $(DEMO)/records/mnist_idx --out $(DEMO)/shards
-	$(BIN)/lite-convert verify $(DEMO)/shards --decode
+	$(BIN)/lite-convert verify $(DEMO)/shards --decode --records $(DEMO)/records
 	$(BIN)/lite-train describe --data $(DEMO)/shards --source demo_glyphs --split test --seed 0 --count 3
 	$(BIN)/lite-train episodes --data $(DEMO)/shards --source demo_glyphs --split test --seed 0 --n 2 --out $(DEMO)/episodes.png
 	@echo "demo: converted shards in $(DEMO)/shards, episode picture in $(DEMO)/episodes.png"
@@ -35,6 +35,7 @@ demo: $(STAMP)
 convert: $(STAMP)
 	@test -n "$(RECORDS)" || { echo "usage: make convert RECORDS=<MD records root> [DATA=<out>]"; exit 2; }
 	$(BIN)/lite-convert md --records $(RECORDS) --out $(DATA) --workers 2
+	$(BIN)/lite-convert verify $(DATA) --records $(RECORDS)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run --out BENCHMARKS.md

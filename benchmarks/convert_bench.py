@@ -3,7 +3,8 @@
 Writes N classes x M records of ~S-byte JPEG-like payloads (a JPEG magic + random bytes, framed by
 `convert.tfrecord.frame`, which TF's writer matches byte for byte), then times, in one run and on the same
 (page-cached) files: a raw sequential read, `shutil.copyfile` of every record file, and the `lite-convert md`
-CLI (a subprocess, start-up included). Usage: `python -m benchmarks.convert_bench --out BENCH.md`.
+CLI (a subprocess, start-up included), then `lite-convert verify --records` over the result (manifest checks plus
+a byte comparison of every image with its record). Usage: `python -m benchmarks.convert_bench --out BENCH.md`.
 """
 
 from __future__ import annotations
@@ -72,8 +73,13 @@ def run(classes: int, per_class: int, size: int, workdir: Path, seed: int = 0) -
         cmd = [sys.executable, "-m", "convert.cli", "md", "--records", str(records), "--out", str(workdir / "out")]
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
+    def verify_records() -> None:
+        cmd = [sys.executable, "-m", "convert.cli", "verify", str(workdir / "out"), "--records", str(records)]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
     rows = [("raw sequential read", _timed(read_all)), ("shutil.copyfile", _timed(copy_all)),
-            ("lite-convert md", _timed(convert))]
+            ("lite-convert md", _timed(convert)), ("lite-convert verify --records (shards + records)",
+                                                   _timed(verify_records))]
     copy_s = rows[1][1]
     lines = [f"Conversion throughput ({classes} classes x {per_class} records, ~{size / 1e3:.0f} KB each, "
              f"{total / 1e6:,.0f} MB of records, page-cached)", "",

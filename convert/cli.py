@@ -122,8 +122,10 @@ def _pil_decode(data: bytes) -> None:
 def verify(
     out: Path = typer.Argument(..., help="Output root holding <group>/<source>/ folders."),
     decode: bool = typer.Option(False, help="Also fully decode every image with PIL."),
+    records: Path = typer.Option(None, help="MD records root: also check every md/ source's image bytes and "
+                                            "labels against the records it was converted from."),
 ):
-    """Verify every converted source under OUT against its manifests."""
+    """Verify every converted source under OUT against its manifests (and, with --records, its records)."""
     from manifests.reader import find_sources
     from manifests.verify import verify_source
 
@@ -136,6 +138,22 @@ def verify(
         decoded = f", {r.decoded} decoded" if decode else ""
         typer.echo(f"ok {path.parent.name}/{r.source}: {r.num_classes} classes, {r.num_samples} samples, "
                    f"{r.num_shards} shards, {r.num_bytes / 1e6:.1f} MB{decoded} ({time.perf_counter() - start:.1f} s)")
+        if records is None:
+            continue
+        info = schema.SourceInfo.from_json((path / schema.SOURCE_FILE).read_text(), origin=str(path))
+        spec = records / path.name / "dataset_spec.json"
+        if not info.origin.startswith("meta-dataset tfrecords"):
+            typer.echo(f"not compared {path.parent.name}/{path.name}: converted from {info.origin}, not from records")
+            continue
+        if not spec.is_file():
+            typer.echo(f"not compared {path.parent.name}/{path.name}: no {spec}")
+            continue
+        from convert.md import compare_with_records
+
+        start = time.perf_counter()
+        c = compare_with_records(path, records)
+        typer.echo(f"identical {path.parent.name}/{c.source}: {c.images} images ({c.bytes / 1e6:.1f} MB) in "
+                   f"{c.classes} classes equal their records, bytes and labels ({time.perf_counter() - start:.1f} s)")
 
 
 @app.command("demo-data")

@@ -112,3 +112,48 @@ def test_verify_reports_a_corrupted_shard(tiny, tmp_path):
     result = runner.invoke(app, ["verify", str(out)])
     assert result.exit_code == 1
     assert result.stderr.startswith("error: ") and "tiny-000000.tar: sample c00000_0000000" in result.stderr
+
+
+def test_verify_records_confirms_byte_identity(tiny, tmp_path):
+    out = tmp_path / "out"
+    assert _run_md(tiny, out).exit_code == 0
+    result = runner.invoke(app, ["verify", str(out), "--records", str(tiny)])
+    assert result.exit_code == 0, result.output
+    assert "identical md/tiny: 9 images" in result.stdout and "in 3 classes equal their records" in result.stdout
+
+
+def _rewrite_record(path: Path, index: int, image: bytes | None = None, label: int | None = None) -> None:
+    from convert.tfrecord import encode_md_example
+
+    payloads = _record_payloads(path)
+    old_image, old_label = read_md_example(payloads[index], "x")
+    payloads[index] = encode_md_example(old_image if image is None else image, old_label if label is None else label)
+    write_records(path, payloads)
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda p: _rewrite_record(p, 1, image=b"\xff\xd8\xff" + b"x" * 50), "1.tfrecords: record 1: image bytes differ "
+                                                                        "from "),
+    (lambda p: _rewrite_record(p, 2, label=0), "1.tfrecords: record 2: label 0 differs"),
+    (lambda p: write_records(p, _record_payloads(p)[:2]), "1.tfrecords: 2 records, the converted source has 3"),
+    (lambda p: write_records(p, _record_payloads(p) * 2), "1.tfrecords: record 3: the converted source has only 3"),
+    (lambda p: p.unlink(), "1.tfrecords: missing record file for class 1"),
+])
+def test_verify_records_names_the_first_difference(tiny, tmp_path, change, message):
+    out = tmp_path / "out"
+    assert _run_md(tiny, out).exit_code == 0
+    change(tiny / "tiny" / "1.tfrecords")
+    result = runner.invoke(app, ["verify", str(out), "--records", str(tiny)])
+    assert result.exit_code == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and message in errors[0], result.stderr
+    if "bytes differ" in message:
+        assert errors[0].endswith("tiny/tiny-000000.tar: sample c00001_0000001")
+
+
+def test_verify_records_skips_sources_without_records(tiny, tmp_path):
+    out = tmp_path / "out"
+    assert _run_md(tiny, out).exit_code == 0
+    result = runner.invoke(app, ["verify", str(out), "--records", str(tmp_path / "elsewhere")])
+    assert result.exit_code == 0
+    assert "not compared md/tiny" in result.stdout
