@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
-from lite_train.data.decode import decode_resize_into
+from lite_train.data.decode import compile_resize, decode_resize_into
 from lite_train.data.episode_description import EpisodeDescriptionConfig
 from lite_train.data.episodes import EpisodePlan, EpisodePlanner, open_readers
 from manifests import SourceReader
@@ -235,6 +235,7 @@ class EpisodeLoader:
                                       num_episodes=cfg.num_episodes, start=cfg.start,
                                       use_hierarchy=cfg.use_hierarchy)
         workers = cfg.num_workers
+        compile_resize()  # here, so that forked workers inherit the compiled kernel
         # Buffers in use at once: one per episode with tasks in flight, the one being assembled, the one
         # the consumer holds.
         buffers = cfg.tasks_in_flight + 2

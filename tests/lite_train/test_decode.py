@@ -131,3 +131,11 @@ def test_fast_mode_deviation_is_bounded(size):
     assert d.mean() < 4.0 and d.max() < 64.0
     if size == 224:  # 375 rows: no power-of-two DCT downscale keeps >= 224, so identical
         assert d.max() == 0
+
+
+def test_resize_rejects_outputs_it_cannot_fill():
+    img = _smooth(30, 40)
+    for out in (np.empty((3, 84, 168), np.float32)[:, :, ::2],  # not contiguous
+                np.empty((3, 84, 84), np.float64), np.empty((3, 84, 83), np.float32)):
+        with pytest.raises(ValueError, match="resize_into"):
+            resize_into(img, out, 84)
