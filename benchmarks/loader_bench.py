@@ -154,7 +154,8 @@ def main(argv: list[str] | None = None) -> str:
                              f"({r['warm_images_per_s'] / bound:.2f}) | {r['max_open_fds']} | {r['max_shard_fds']} | "
                              f"{r['peak_rss_mb']:.0f} | {r['private_rss_mb']:.0f} | {r['shared_rss_mb']:.0f} |")
         tiny = [images[0]]
-        lines += ["", "Worker memory vs number of classes (2 workers, 84 px, 15 episodes after 5 warm-up, 20 images per class, 1 image repeated):",
+        lines += ["", "Worker memory vs number of classes (2 workers, 84 px, 15 episodes after 5 warm-up, "
+                  "20 images per class, 1 image repeated):",
                   "", "| classes | shards | samples | private RSS/worker (MB) | peak RSS/worker (MB) | open fds/worker "
                   "| shard fds/worker |", "|---:|---:|---:|---:|---:|---:|---:|"]
         for classes in (50, 5000):

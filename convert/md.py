@@ -15,7 +15,7 @@ import os
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from manifests import schema
 from manifests.md_spec import MDSpec, load_md_spec, md_v2_view, parse_md_spec
@@ -204,28 +204,37 @@ def convert_dataset(plan: DatasetPlan, config: ConvertConfig, progress: Progress
     return source_result(info, "converted" if resume is None else "resumed", start_time)
 
 
-def _convert_class(writer: SourceWriter, path: Path, class_id: int, expected: int, first: int,
-                   name: str, progress: Progress | None) -> None:
-    """Stream one class file into the writer, adding records `first..expected-1` (all are checked)."""
-    count = pending = pending_bytes = 0
+def _checked_records(path: Path, class_id: int, expected: int, expected_from: str) -> Iterator[tuple[int, bytes, int]]:
+    """(index, image bytes, record bytes) of every record of one class file, in order, once its CRCs are
+    checked and its label equals `class_id`; the file must hold exactly `expected` records, which
+    `expected_from` names in errors (checked when the iteration ends)."""
+    count = 0
     for index, payload in enumerate(iter_records(path)):
         where = f"{path}: record {index}"
         if index >= expected:
-            raise RecordError(f"{where}: more records than images_per_class[{class_id}] = {expected}")
+            raise RecordError(f"{where}: more records than {expected_from} = {expected}")
         image, label = read_md_example(payload, where)
         if label != class_id:
             raise RecordError(f"{where}: label {label} differs from the file's class id {class_id}")
-        fmt = sniff_format(image, where)
+        yield index, image, len(payload)
+        count += 1
+    if count != expected:
+        raise RecordError(f"{path}: {count} records, {expected_from} = {expected}")
+
+
+def _convert_class(writer: SourceWriter, path: Path, class_id: int, expected: int, first: int,
+                   name: str, progress: Progress | None) -> None:
+    """Stream one class file into the writer, adding records `first..expected-1` (all are checked)."""
+    pending = pending_bytes = 0
+    for index, image, record_bytes in _checked_records(path, class_id, expected, f"images_per_class[{class_id}]"):
+        fmt = sniff_format(image, f"{path}: record {index}")
         if index >= first:
             writer.add(class_id, index, image, fmt)
-        count += 1
         pending += 1
-        pending_bytes += len(payload) + 16
+        pending_bytes += record_bytes + 16
         if progress and pending >= _PROGRESS_EVERY:
             progress(name, pending, pending_bytes)
             pending = pending_bytes = 0
-    if count != expected:
-        raise RecordError(f"{path}: {count} records, images_per_class[{class_id}] = {expected}")
     if progress:
         progress(name, pending, pending_bytes)
 
@@ -259,20 +268,10 @@ def compare_with_records(source_path: str | os.PathLike, records: str | os.PathL
             path = folder / _FILE_PATTERN.format(class_id)
             if not path.is_file():
                 raise ValueError(f"{path}: missing record file for class {class_id} of {source_path}")
-            index = -1
-            for index, payload in enumerate(iter_records(path)):
-                where = f"{path}: record {index}"
-                if index >= count:
-                    raise RecordError(f"{where}: the converted source has only {count} samples of class {class_id}")
-                image, label = read_md_example(payload, where)
-                if label != class_id:
-                    raise RecordError(f"{where}: label {label} differs from the file's class id {class_id}")
+            for index, image, _ in _checked_records(path, class_id, count, f"converted samples of class {class_id}"):
                 if reader.read(first + index) != image:
-                    raise RecordError(f"{where}: image bytes differ from {reader.locate(first + index)}")
+                    raise RecordError(f"{path}: record {index}: image bytes differ from {reader.locate(first + index)}")
                 nbytes += len(image)
-            if index + 1 != count:
-                raise RecordError(f"{path}: {index + 1} records, the converted source has {count} samples "
-                                  f"of class {class_id}")
             images += count
     return RecordsComparison(reader.info.source, reader.info.num_classes, images, nbytes)
 

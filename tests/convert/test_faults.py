@@ -135,8 +135,9 @@ def _rewrite_record(path: Path, index: int, image: bytes | None = None, label: i
     (lambda p: _rewrite_record(p, 1, image=b"\xff\xd8\xff" + b"x" * 50), "1.tfrecords: record 1: image bytes differ "
                                                                         "from "),
     (lambda p: _rewrite_record(p, 2, label=0), "1.tfrecords: record 2: label 0 differs"),
-    (lambda p: write_records(p, _record_payloads(p)[:2]), "1.tfrecords: 2 records, the converted source has 3"),
-    (lambda p: write_records(p, _record_payloads(p) * 2), "1.tfrecords: record 3: the converted source has only 3"),
+    (lambda p: write_records(p, _record_payloads(p)[:2]), "1.tfrecords: 2 records, converted samples of class 1 = 3"),
+    (lambda p: write_records(p, _record_payloads(p) * 2),
+     "1.tfrecords: record 3: more records than converted samples of class 1 = 3"),
     (lambda p: p.unlink(), "1.tfrecords: missing record file for class 1"),
 ])
 def test_verify_records_names_the_first_difference(tiny, tmp_path, change, message):
