@@ -194,7 +194,7 @@ def decode_resize_into(data: bytes, out, size: int, *, dct_scale: bool = False) 
     Measured on 100 synthetic 500x375 q90 JPEGs (benchmarks/decode_bench.py `make_images`),
     |fast - exact| in [0, 255] units: 84 px mean 2.2, max 109 (at sharp edges: the reduced IDCT
     box-averages, the exact path point-samples); 126 px mean 1.4, max 65; 224 px 0 (same path).
-    Speed-up at 84 px: about 1.2x images/s over the exact mode (1.8x over TF; BENCHMARKS.md).
+    Speed-up at 84 px: about 1.2x images/s over the exact mode (~1.6x over TF; BENCHMARKS.md).
 
     Args:
       data: encoded JPEG or PNG bytes.
