@@ -17,6 +17,7 @@ from lite_train.data.class_stream import ORDERS, ClassStream
 from lite_train.data.episode_description import (EpisodeDescriptionConfig, EpisodeDescriptionSampler,
                                                  sampler_rngs)
 from manifests import FilePool, SourceReader, open_source
+from manifests.reader import DEFAULT_MAX_OPEN_FILES
 from manifests.md_spec import MDSpec, parse_md_spec
 
 _SOURCE_CHOICE_STREAM = 0x5C  # SeedSequence spawn keys: independent streams derived from one seed
@@ -135,7 +136,8 @@ class EpisodePlanner:
                            np.concatenate(support), np.concatenate(query))
 
 
-def open_readers(data: str | Path, sources: Sequence[str], max_open_files: int = 64) -> list[SourceReader]:
+def open_readers(data: str | Path, sources: Sequence[str],
+                 max_open_files: int = DEFAULT_MAX_OPEN_FILES) -> list[SourceReader]:
     """Open converted sources sharing one bounded file pool (per process, also after pickling)."""
     pool = FilePool(max_open_files)
     return [open_source(data, name, pool=pool) for name in sources]

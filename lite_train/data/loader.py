@@ -42,6 +42,7 @@ from lite_train.data.decode import compile_resize, decode_resize_into
 from lite_train.data.episode_description import EpisodeDescriptionConfig
 from lite_train.data.episodes import EpisodePlan, EpisodePlanner, open_readers
 from manifests import SourceReader
+from manifests.reader import DEFAULT_MAX_OPEN_FILES
 
 
 class Episode(TypedDict):
@@ -76,7 +77,7 @@ class EpisodeLoaderConfig:
     # DataLoader items queued ahead (8 x 64 images ~ one MD episode). Measured at 224 px, 2 workers: the same
     # images/s for 4, 8, 12, 24; shared episode memory 1.9 GB at 8 vs 2.6 GB at 24.
     tasks_in_flight: int = 8
-    max_open_files: int = 64  # shard descriptors per process, over all sources
+    max_open_files: int = DEFAULT_MAX_OPEN_FILES  # shard descriptors per process, over all sources
     dct_scale: bool = False  # fast, not TF-identical decoding (docs/fidelity.md)
 
 
