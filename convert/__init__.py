@@ -5,7 +5,7 @@ it never imports torch. Reading TFRecords needs no TF (`convert.tfrecord`).
 """
 
 from convert.demo_data import write_demo_data, write_md_records
-from convert.md import ConvertConfig, SourceResult, convert_dataset, convert_planned, plan_datasets
+from convert.md import ConvertConfig, SourceResult, convert_planned, convert_run, plan_datasets
 from convert.mnist import MnistConfig, convert_mnist, read_mnist_idx
 from convert.tfrecord import RecordError, iter_records, parse_example, read_md_example
 
@@ -14,7 +14,7 @@ __all__ = [
     "MnistConfig",
     "RecordError",
     "SourceResult",
-    "convert_dataset",
+    "convert_run",
     "convert_mnist",
     "convert_planned",
     "iter_records",

@@ -1,6 +1,7 @@
 """`lite-convert` command line: flags in, one library call per command, a summary (or `error: ...`) out.
 
-Commands: `md` (Meta-Dataset records -> shards), `mnist` (t10k idx -> shards), `verify` (shards vs manifests),
+Commands: `md` (Meta-Dataset records -> shards), `mnist` (t10k idx -> shards), `vtab` (prepared TFDS
+datasets -> one ordered source per VTAB task), `verify` (shards vs manifests),
 `demo-data` (a small real-format MD records folder). Errors the converter detects are printed as one line
 `error: <message>` on stderr with exit status 1.
 """
@@ -8,7 +9,6 @@ Commands: `md` (Meta-Dataset records -> shards), `mnist` (t10k idx -> shards), `
 from __future__ import annotations
 
 import functools
-import io
 import time
 from pathlib import Path
 
@@ -64,8 +64,7 @@ def md(
     records: Path = typer.Option(..., help="Meta-Dataset records root (one folder per dataset)."),
     out: Path = typer.Option(..., help="Output root; sources go to <out>/md/<dataset>/."),
     datasets: str = typer.Option("", help="Comma-separated dataset folders (default: every one with a spec)."),
-    benchmark: str = typer.Option("md-v1", help="Class-split view: md-v1 or md-v2."),
-    workers: int = typer.Option(1, help="Datasets converted in parallel processes."),
+    workers: int = typer.Option(1, help="Processes converting in parallel (also inside one dataset)."),
     max_shard_samples: int = typer.Option(schema.DEFAULT_MAX_SHARD_SAMPLES, help="Samples per shard at most."),
     max_shard_bytes: int = typer.Option(schema.DEFAULT_MAX_SHARD_BYTES, help="Image bytes per shard at most."),
 ):
@@ -74,18 +73,23 @@ def md(
 
     config = ConvertConfig(records=str(records), out=str(out),
                            datasets=tuple(d for d in datasets.split(",") if d),
-                           benchmark=benchmark, workers=workers, max_shard_samples=max_shard_samples,
+                           workers=workers, max_shard_samples=max_shard_samples,
                            max_shard_bytes=max_shard_bytes)
     plans = plan_datasets(config)
     columns = (TextColumn("{task.description:<16}"), BarColumn(), MofNCompleteColumn(), _RateColumn(),
                TimeElapsedColumn())
-    with Progress(*columns, console=_err) as progress:
+    # No refresh thread: the converter forks its workers, and a process that forks must not run threads.
+    with Progress(*columns, console=_err, auto_refresh=False) as progress:
         tasks = {p.name: progress.add_task(p.name, total=p.num_records, bytes=0) for p in plans}
         read_bytes = dict.fromkeys(tasks, 0)
+        shown = [0.0]
 
         def report(name: str, n: int, nbytes: int) -> None:
             read_bytes[name] += nbytes
             progress.update(tasks[name], advance=n, bytes=read_bytes[name])
+            if time.monotonic() - shown[0] > 0.1:
+                shown[0] = time.monotonic()
+                progress.refresh()
 
         results = convert_planned(plans, config, report)
     _out.print(_summary_table(results))
@@ -96,13 +100,12 @@ def md(
 def mnist(
     idx_dir: Path = typer.Option(..., help="Folder with t10k-images-idx3-ubyte(.gz) and t10k-labels-idx1-ubyte(.gz)."),
     out: Path = typer.Option(..., help="Output root; the source goes to <out>/md/mnist/."),
-    split: str = typer.Option("train", help="Sampling view: train (MD-v2 / LITE) or test (MD + 3 extra)."),
     lossless: bool = typer.Option(False, help="Store PNG instead of MD's quality-75 JPEG."),
 ):
     """Convert the 10,000 MNIST test digits into the `mnist` source."""
     from convert.mnist import MnistConfig, convert_mnist
 
-    config = MnistConfig(idx_dir=str(idx_dir), out=str(out), split=split, lossless=lossless)
+    config = MnistConfig(idx_dir=str(idx_dir), out=str(out), lossless=lossless)
     with Progress(TextColumn("mnist"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=_err) as progress:
         task = progress.add_task("mnist", total=10)
@@ -110,34 +113,67 @@ def mnist(
     _out.print(_summary_table([result]))
 
 
-def _pil_decode(data: bytes) -> None:
-    from PIL import Image
+@app.command()
+@_guard
+def vtab(
+    tfds_data_dir: Path = typer.Option(..., help="TFDS data_dir with the prepared VTAB datasets (read offline)."),
+    out: Path = typer.Option(..., help="Output root; tasks go to <out>/vtab/<task>/ (--protocol lite: vtab_lite)."),
+    manual_dir: Path = typer.Option(None, help="TFDS manual_dir for sun397, resisc45, diabetic_retinopathy."),
+    tasks: str = typer.Option("", help="Comma-separated task ids (default: VTAB-v2's 18 tasks; dtd by name)."),
+    protocol: str = typer.Option("vtab1k", help="vtab1k (support train800val200, VTAB test) or lite."),
+    limit: int = typer.Option(None, help="Smoke runs: at most this many examples per slice."),
+    max_shard_samples: int = typer.Option(schema.DEFAULT_MAX_SHARD_SAMPLES, help="Samples per shard at most."),
+    max_shard_bytes: int = typer.Option(schema.DEFAULT_MAX_SHARD_BYTES, help="Image bytes per shard at most."),
+):
+    """Convert the VTAB-1k tasks from prepared TFDS datasets into ordered shards + manifests."""
+    from convert.vtab.convert import VtabConfig, convert_vtab
 
-    with Image.open(io.BytesIO(data)) as image:
-        image.load()
+    config = VtabConfig(tfds_data_dir=str(tfds_data_dir), out=str(out),
+                        manual_dir=None if manual_dir is None else str(manual_dir),
+                        tasks=tuple(t for t in tasks.split(",") if t), protocol=protocol, limit=limit,
+                        max_shard_samples=max_shard_samples, max_shard_bytes=max_shard_bytes)
+    with Progress(TextColumn("{task.description:<32}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=_err) as progress:
+        bars: dict[str, int] = {}
+
+        def planned(plans) -> None:
+            for p in plans:
+                bars[p.task.task_id] = progress.add_task(p.task.task_id, total=p.num_examples)
+
+        results = convert_vtab(config, lambda task_id, n: progress.advance(bars[task_id], n), planned)
+    _out.print(_summary_table(results))
 
 
 @app.command()
 @_guard
 def verify(
     out: Path = typer.Argument(..., help="Output root holding <group>/<source>/ folders."),
-    decode: bool = typer.Option(False, help="Also fully decode every image with PIL."),
+    decode: bool = typer.Option(False, help="Also decode every image with the runtime's TF-equal decoder."),
     records: Path = typer.Option(None, help="MD records root: also check every md/ source's image bytes and "
                                             "labels against the records it was converted from."),
 ):
     """Verify every converted source under OUT against its manifests (and, with --records, its records)."""
+    from manifests.decode import decode_rgb  # the decoder training uses: verify passes = training reads all
     from manifests.reader import find_sources
     from manifests.verify import verify_source
 
     sources = find_sources(out)
     if not sources:
         raise ValueError(f"{out}: no converted source (no <group>/<source>/{schema.SOURCE_FILE})")
+    if records is not None and not records.is_dir():
+        raise ValueError(f"{records}: records root is not a directory")
+    compared = 0
     for path in sources:
         start = time.perf_counter()
-        r = verify_source(path, decode=_pil_decode if decode else None)
+        r = verify_source(path, decode=decode_rgb if decode else None)
         decoded = f", {r.decoded} decoded" if decode else ""
         typer.echo(f"ok {path.parent.name}/{r.source}: {r.num_classes} classes, {r.num_samples} samples, "
                    f"{r.num_shards} shards, {r.num_bytes / 1e6:.1f} MB{decoded} ({time.perf_counter() - start:.1f} s)")
+        from convert.vtab.convert import rederive_labels  # VTAB tasks: labels vs their stored raw values
+
+        relabelled = rederive_labels(path)
+        if relabelled is not None:
+            typer.echo(f"labels {path.parent.name}/{r.source}: {relabelled} re-derived from their raw values")
         if records is None:
             continue
         info = schema.SourceInfo.from_json((path / schema.SOURCE_FILE).read_text(), origin=str(path))
@@ -154,6 +190,10 @@ def verify(
         c = compare_with_records(path, records)
         typer.echo(f"identical {path.parent.name}/{c.source}: {c.images} images ({c.bytes / 1e6:.1f} MB) in "
                    f"{c.classes} classes equal their records, bytes and labels ({time.perf_counter() - start:.1f} s)")
+        compared += 1
+    if records is not None and not compared:
+        raise ValueError(f"{records}: holds none of the converted md/ sources (no <dataset>/dataset_spec.json for "
+                         f"any of them): nothing was compared")
 
 
 @app.command("demo-data")

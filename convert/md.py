@@ -1,9 +1,14 @@
 """Meta-Dataset records folders (`<dataset>/{dataset_spec.json, 0..C-1.tfrecords}`) in, `<out>/md/<dataset>/` sources out.
 
 Per dataset: load and check the spec, check that every class file exists (before anything is written),
-stream every record (both CRCs, label == file's class id, count == images_per_class) into a
-`SourceWriter` in class-then-record order with the image bytes untouched. A complete source with the same
-input fingerprint is skipped; a staged partial one resumes after `writer.last_committed`.
+cut the classes into runs (`manifests.writer.plan_runs`), then stream every record of a run (both CRCs,
+label == file's class id, count == images_per_class) into its `RunWriter` in class-then-record order with
+the image bytes untouched. Runs of every dataset are converted `--workers` at a time, so one big dataset
+uses every worker, and the output is byte-identical for any number of workers. A dataset whose runs are
+all written is finished and published by this process. A complete source with the same input fingerprint
+and every published file at its recorded size is skipped; a staged one resumes after each run's last
+committed (and re-checked) shard. The class table keeps the dataset's own splits; the MD-v2 view is chosen
+when reading (`manifests.md_spec.spec_view`).
 """
 
 from __future__ import annotations
@@ -18,17 +23,19 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from manifests import schema
-from manifests.md_spec import MDSpec, load_md_spec, md_v2_view, parse_md_spec
+from manifests.md_spec import MDSpec, load_md_spec
 from manifests.reader import SourceReader
-from manifests.writer import ClassRecord, SourceWriter, is_complete, source_dir
+from manifests.staging import SourceStaging, output_lock, recover_publish
+from manifests.writer import ClassRecord, RunWriter, is_complete, plan_runs, source_dir, warm_up
 
-from convert.tfrecord import RecordError, iter_records, read_md_example
+from convert._workers import run_tasks
+from convert.tfrecord import ReadBuffer, RecordError, iter_records, read_md_example
 
 GROUP = "md"
 SPEC_FILE = "dataset_spec.json"
-BENCHMARKS = ("md-v1", "md-v2")
 _FILE_PATTERN = "{}.tfrecords"  # the only pattern MD's reader supports (POOL_SUPPORTED = False)
 _PROGRESS_EVERY = 256  # records between progress reports
+_RECORD_OVERHEAD = 16  # framing bytes per record (length, two CRCs), counted in the bytes read
 
 # Leading bytes of the two image formats the shard format stores (schema.IMAGE_FORMATS).
 _MAGIC = ((b"\xff\xd8\xff", "jpg"), (b"\x89PNG\r\n\x1a\n", "png"))
@@ -43,16 +50,16 @@ class ConvertConfig:
     records: str  # MD records root: one folder per dataset
     out: str  # output root; sources go to <out>/md/<dataset>/
     datasets: tuple[str, ...] = ()  # dataset folder names; () = every folder with a dataset_spec.json
-    benchmark: str = "md-v1"  # "md-v1" | "md-v2": which class-split view the sources follow
-    workers: int = 1  # datasets converted in parallel processes
+    workers: int = 1  # processes converting runs (of one or several datasets) in parallel
     max_shard_samples: int = schema.DEFAULT_MAX_SHARD_SAMPLES
     max_shard_bytes: int = schema.DEFAULT_MAX_SHARD_BYTES
 
     def __post_init__(self):
-        if self.benchmark not in BENCHMARKS:
-            raise ValueError(f"--benchmark must be one of {BENCHMARKS}, got {self.benchmark!r}")
         if self.workers < 1 or self.max_shard_samples < 1 or self.max_shard_bytes < 1:
             raise ValueError("--workers, --max-shard-samples and --max-shard-bytes must be positive")
+        twice = sorted({d for d in self.datasets if self.datasets.count(d) > 1})
+        if twice:
+            raise ValueError(f"--datasets names {', '.join(twice)} more than once")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,12 +77,13 @@ class SourceResult:
 
 @dataclasses.dataclass(frozen=True)
 class DatasetPlan:
-    """A dataset that passed the pre-flight checks: its spec, its class files and input fingerprint."""
+    """A dataset that passed the pre-flight checks: its spec, class files, input fingerprint and runs."""
 
     name: str
     spec: MDSpec
     files: tuple[Path, ...]  # files[c] = the record file of class c
     fingerprint: dict[str, Any]
+    runs: tuple[tuple[int, int], ...]  # (first class, end class) of each run, see manifests.writer.plan_runs
 
     @property
     def num_records(self) -> int:
@@ -90,24 +98,45 @@ def converter_version() -> str:
         return "0+unknown"
 
 
-def sniff_format(data: bytes, where: str) -> str:
+def sniff_format(data: bytes | memoryview, where: str) -> str:
     """"jpg" or "png" from the magic bytes; RecordError otherwise."""
+    head = bytes(data[:8])
     for magic, fmt in _MAGIC:
-        if data.startswith(magic):
+        if head.startswith(magic):
             return fmt
-    raise RecordError(f"{where}: image bytes are neither JPEG nor PNG (start {data[:8].hex() or 'empty'})")
+    raise RecordError(f"{where}: image bytes are neither JPEG nor PNG (start {head.hex() or 'empty'})")
+
+
+def published_files_intact(path: Path, info: schema.SourceInfo) -> bool:
+    """Every file a complete source publishes is present with the size source.json recorded."""
+    sizes = {s.name: s.num_bytes for s in info.shards}
+    sizes.update(info.extra.get("manifest_bytes", {}))
+    for name in (schema.CLASSES_FILE, schema.SAMPLES_FILE, schema.INDEX_FILE):
+        sizes.setdefault(name, None)
+    for name, size in sizes.items():
+        try:
+            st = (path / name).stat()
+        except OSError:
+            return False
+        if size is not None and st.st_size != size:
+            return False
+    return True
 
 
 def up_to_date(out: Path, source: str, fingerprint: dict[str, Any]) -> schema.SourceInfo | None:
-    """The SourceInfo of `<out>/md/<source>` if it is complete and was written from this fingerprint."""
+    """The SourceInfo of `<out>/md/<source>` if it is complete, was written from this fingerprint, and every
+    published file is present with its recorded size; None otherwise (the source is converted again)."""
     if not is_complete(out, GROUP, source):
         return None
-    path = source_dir(out, GROUP, source) / schema.SOURCE_FILE
+    folder = source_dir(out, GROUP, source)
+    path = folder / schema.SOURCE_FILE
     try:
         info = schema.SourceInfo.from_json(path.read_text(), origin=str(path))
     except (ValueError, TypeError, KeyError):
         return None
-    return info if info.extra.get("fingerprint") == json.loads(json.dumps(fingerprint)) else None
+    if info.extra.get("fingerprint") != json.loads(json.dumps(fingerprint)):
+        return None
+    return info if published_files_intact(folder, info) else None
 
 
 def plan_dataset(folder: Path, config: ConvertConfig) -> DatasetPlan:
@@ -121,25 +150,23 @@ def plan_dataset(folder: Path, config: ConvertConfig) -> DatasetPlan:
     if pattern != _FILE_PATTERN:
         raise ValueError(f"{spec_path}: file_pattern {pattern!r} is not supported (only {_FILE_PATTERN!r})")
     files = tuple(folder / _FILE_PATTERN.format(c) for c in range(spec.num_classes))
-    for path in files:
-        if not path.is_file():
-            raise ValueError(f"{path}: missing record file for class {files.index(path)} "
-                             f"({spec.num_classes} classes in {SPEC_FILE})")
     records = hashlib.sha256()
-    total = 0
-    for path in files:
+    sizes = []
+    for c, path in enumerate(files):
+        if not path.is_file():
+            raise ValueError(f"{path}: missing record file for class {c} ({spec.num_classes} classes in {SPEC_FILE})")
         st = path.stat()
-        total += st.st_size
+        sizes.append(st.st_size)
         records.update(f"{path.name} {st.st_size} {st.st_mtime_ns}\n".encode())
     fingerprint = {
         "spec_sha256": hashlib.sha256(spec_path.read_bytes()).hexdigest(),
         "records_sha256": records.hexdigest(),  # over (name, size, mtime) of every class file
         "num_files": len(files),
-        "num_bytes": total,
-        "benchmark": config.benchmark,
+        "num_bytes": sum(sizes),
         "converter_version": converter_version(),
     }
-    return DatasetPlan(folder.name, spec, files, fingerprint)
+    runs = plan_runs(sizes, spec.images_per_class, config.max_shard_samples, config.max_shard_bytes)
+    return DatasetPlan(folder.name, spec, files, fingerprint, runs)
 
 
 def plan_datasets(config: ConvertConfig) -> list[DatasetPlan]:
@@ -159,84 +186,80 @@ def plan_datasets(config: ConvertConfig) -> list[DatasetPlan]:
     return [plan_dataset(folder, config) for folder in folders]
 
 
-def _class_view(spec: MDSpec, benchmark: str) -> tuple[MDSpec, dict]:
-    """(spec whose splits the class table follows, sampling_spec dict) for a benchmark."""
-    view = md_v2_view(spec) if benchmark == "md-v2" else None
-    if view is None:
-        return spec, spec.raw
-    return parse_md_spec(view, f"md-v2 view of {spec.name}"), view
-
-
-def convert_dataset(plan: DatasetPlan, config: ConvertConfig, progress: Progress | None = None) -> SourceResult:
-    """Convert one pre-flighted dataset into `<out>/md/<name>/` (skip if up to date, resume if staged)."""
-    start_time = time.perf_counter()
-    out, spec = Path(config.out), plan.spec
-    done = up_to_date(out, plan.name, plan.fingerprint)
-    if done is not None:
-        if progress:
-            progress(plan.name, plan.num_records, 0)
-        return source_result(done, "up to date", start_time)
-    writer = SourceWriter(out, GROUP, plan.name, fingerprint=plan.fingerprint,
-                          max_shard_samples=config.max_shard_samples, max_shard_bytes=config.max_shard_bytes)
-    resume = writer.last_committed  # (class, index) of the last sample that survived an interruption
-    try:
-        for class_id, path in enumerate(plan.files):
-            expected = spec.images_per_class[class_id]
-            if resume is not None and (class_id < resume[0] or (class_id == resume[0] and resume[1] + 1 >= expected)):
-                if progress:
-                    progress(plan.name, expected, 0)
-                continue  # finished before the interruption: not read again
-            first = resume[1] + 1 if resume is not None and class_id == resume[0] else 0
-            _convert_class(writer, path, class_id, expected, first, plan.name, progress)
-        split_spec, sampling_spec = _class_view(spec, config.benchmark)
-        classes = [ClassRecord(c, spec.class_names[c], split_spec.class_split(c), spec.superclass_of(c),
-                               spec.images_per_class[c]) for c in range(spec.num_classes)]
-        info = writer.finish(classes, {
-            "origin": f"meta-dataset tfrecords ({Path(config.records) / plan.name})",
-            "converter_version": converter_version(),
-            "benchmark": config.benchmark,
-            "dataset_spec": spec.raw,
-            "sampling_spec": sampling_spec,
-            "extra": {"fingerprint": plan.fingerprint, "convert_config": dataclasses.asdict(config)},
-        })
-    finally:
-        writer.abort()
-    return source_result(info, "converted" if resume is None else "resumed", start_time)
-
-
-def _checked_records(path: Path, class_id: int, expected: int, expected_from: str) -> Iterator[tuple[int, bytes, int]]:
+def _checked_records(path: Path, class_id: int, expected: int, expected_from: str,
+                     buffer: ReadBuffer | None = None) -> Iterator[tuple[int, memoryview, int]]:
     """(index, image bytes, record bytes) of every record of one class file, in order, once its CRCs are
     checked and its label equals `class_id`; the file must hold exactly `expected` records, which
-    `expected_from` names in errors (checked when the iteration ends)."""
+    `expected_from` names in errors (checked when the iteration ends). Image bytes are views into
+    `buffer`, valid until it reads the next file."""
     count = 0
-    for index, payload in enumerate(iter_records(path)):
-        where = f"{path}: record {index}"
+    for index, payload in enumerate(iter_records(path, buffer)):
         if index >= expected:
-            raise RecordError(f"{where}: more records than {expected_from} = {expected}")
-        image, label = read_md_example(payload, where)
+            raise RecordError(f"{path}: record {index}: more records than {expected_from} = {expected}")
+        image, label = read_md_example(payload, f"{path}: record {index}")
         if label != class_id:
-            raise RecordError(f"{where}: label {label} differs from the file's class id {class_id}")
+            raise RecordError(f"{path}: record {index}: label {label} differs from the file's class id {class_id}")
         yield index, image, len(payload)
         count += 1
     if count != expected:
         raise RecordError(f"{path}: {count} records, {expected_from} = {expected}")
 
 
-def _convert_class(writer: SourceWriter, path: Path, class_id: int, expected: int, first: int,
-                   name: str, progress: Progress | None) -> None:
+def convert_run(plan: DatasetPlan, run: int, writer: RunWriter, progress: Progress | None = None) -> None:
+    """Convert the classes of one run into its writer, after the writer's last committed sample."""
+    first_class, end_class = plan.runs[run]
+    resume = writer.last_committed  # (class, index) of the last sample that survived an interruption
+    buffer = ReadBuffer()
+    try:
+        for class_id in range(first_class, end_class):
+            expected = plan.spec.images_per_class[class_id]
+            if resume is not None and (class_id < resume[0] or (class_id == resume[0] and resume[1] + 1 >= expected)):
+                if progress:
+                    progress(plan.name, expected, 0)
+                continue  # finished before the interruption: not read again
+            first = resume[1] + 1 if resume is not None and class_id == resume[0] else 0
+            _convert_class(writer, plan.files[class_id], class_id, expected, first, plan.name, progress, buffer)
+        writer.close()
+    finally:
+        writer.abort()
+
+
+def _convert_class(writer: RunWriter, path: Path, class_id: int, expected: int, first: int,
+                   name: str, progress: Progress | None, buffer: ReadBuffer) -> None:
     """Stream one class file into the writer, adding records `first..expected-1` (all are checked)."""
     pending = pending_bytes = 0
-    for index, image, record_bytes in _checked_records(path, class_id, expected, f"images_per_class[{class_id}]"):
+    for index, image, record_bytes in _checked_records(path, class_id, expected, f"images_per_class[{class_id}]",
+                                                       buffer):
         fmt = sniff_format(image, f"{path}: record {index}")
         if index >= first:
             writer.add(class_id, index, image, fmt)
         pending += 1
-        pending_bytes += record_bytes + 16
+        pending_bytes += record_bytes + _RECORD_OVERHEAD
         if progress and pending >= _PROGRESS_EVERY:
             progress(name, pending, pending_bytes)
             pending = pending_bytes = 0
     if progress:
         progress(name, pending, pending_bytes)
+
+
+def _source_fields(plan: DatasetPlan, config: ConvertConfig) -> dict[str, Any]:
+    """The SourceInfo fields the converter knows. The class table and sampling spec keep the dataset's own
+    splits (`benchmark` "md-v1"); views such as MD-v2 are applied when reading."""
+    return {
+        "origin": f"meta-dataset tfrecords ({Path(config.records) / plan.name})",
+        "converter_version": converter_version(),
+        "benchmark": "md-v1",
+        "dataset_spec": plan.spec.raw,
+        "sampling_spec": plan.spec.raw,
+        # --workers is left out: it never changes the output.
+        "extra": {"fingerprint": plan.fingerprint,
+                  "convert_config": {k: v for k, v in dataclasses.asdict(config).items() if k != "workers"}},
+    }
+
+
+def _classes(spec: MDSpec) -> list[ClassRecord]:
+    return [ClassRecord(c, spec.class_names[c], spec.class_split(c), spec.superclass_of(c), spec.images_per_class[c])
+            for c in range(spec.num_classes)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,13 +285,15 @@ def compare_with_records(source_path: str | os.PathLike, records: str | os.PathL
     reader = SourceReader(source_path)
     folder = Path(records) / reader.info.source
     images = nbytes = 0
+    buffer = ReadBuffer()
     with reader:
         for class_id in range(reader.info.num_classes):
             first, count = reader.class_range(class_id)
             path = folder / _FILE_PATTERN.format(class_id)
             if not path.is_file():
                 raise ValueError(f"{path}: missing record file for class {class_id} of {source_path}")
-            for index, image, _ in _checked_records(path, class_id, count, f"converted samples of class {class_id}"):
+            for index, image, _ in _checked_records(path, class_id, count, f"converted samples of class {class_id}",
+                                                    buffer):
                 if reader.read(first + index) != image:
                     raise RecordError(f"{path}: record {index}: image bytes differ from {reader.locate(first + index)}")
                 nbytes += len(image)
@@ -285,48 +310,58 @@ def source_result(info: schema.SourceInfo, status: str, start_time: float) -> So
 
 def convert_planned(plans: list[DatasetPlan], config: ConvertConfig,
                     progress: Progress | None = None) -> list[SourceResult]:
-    """Convert pre-flighted datasets, `config.workers` at a time in separate processes; results in plan order.
+    """Convert pre-flighted datasets into `config.out` (locked meanwhile); results in plan order.
 
-    Worker processes report progress through a queue that this process drains into `progress`. The
-    first failure cancels the datasets not yet started and is raised once the running ones are done.
+    Up-to-date datasets are skipped; the runs of every other dataset are converted `config.workers` at a
+    time (in this process when there is one worker or one run), and each dataset is finished and published
+    here once its runs are written. The first failure stops every worker and is raised; committed shards
+    stay staged, so the same command resumes.
     """
-    if config.workers == 1 or len(plans) == 1:
-        return [convert_dataset(plan, config, progress) for plan in plans]
-    import concurrent.futures as cf
-    import multiprocessing as mp
-    import queue as queue_mod
+    with output_lock(config.out) as lock_fd:
+        start = time.perf_counter()
+        results: list[SourceResult | None] = [None] * len(plans)
+        stagings: dict[int, SourceStaging] = {}
+        for i, plan in enumerate(plans):
+            recovered = recover_publish(Path(config.out), GROUP, plan.name)  # a publish killed half-way
+            done = up_to_date(Path(config.out), plan.name, plan.fingerprint)
+            if done is not None:
+                if progress:
+                    progress(plan.name, plan.num_records, 0)
+                results[i] = source_result(done, "resumed" if recovered else "up to date", start)
+                continue
+            stagings[i] = SourceStaging(Path(config.out), GROUP, plan.name, fingerprint=plan.fingerprint,
+                                        runs=len(plan.runs), max_shard_samples=config.max_shard_samples,
+                                        max_shard_bytes=config.max_shard_bytes)
+        tasks = [(i, run) for i, staging in stagings.items() if staging.finished_info() is None
+                 for run in range(len(plans[i].runs))]
+        left = {i: sum(1 for t in tasks if t[0] == i) for i in stagings}
 
-    ctx = mp.get_context("spawn")  # no inherited state (threads, open files) in the workers
-    with ctx.Manager() as manager:
-        messages = manager.Queue()
-        workers = min(config.workers, len(plans))
-        with cf.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-            futures = {pool.submit(_convert_in_worker, plan, config, messages): i for i, plan in enumerate(plans)}
-            results: list[SourceResult | None] = [None] * len(plans)
-            pending = set(futures)
-            try:
-                while pending:
-                    done, pending = cf.wait(pending, timeout=0.1, return_when=cf.FIRST_COMPLETED)
-                    _drain(messages, progress, queue_mod.Empty)
-                    for future in done:
-                        results[futures[future]] = future.result()
-            except BaseException:
-                pool.shutdown(wait=True, cancel_futures=True)
-                raise
-            finally:
-                _drain(messages, progress, queue_mod.Empty)
+        def finish(i: int) -> None:
+            staging = stagings[i]
+            info = staging.finish(_classes(plans[i].spec), _source_fields(plans[i], config))
+            staging.publish()
+            results[i] = source_result(info, "resumed" if staging.resumed else "converted", start)
+
+        def work(task: int, report: Progress | None) -> None:
+            i, run = tasks[task]
+            convert_run(plans[i], run, stagings[i].run_writer(run), report)
+
+        def done(task: int, _result: None) -> None:
+            i = tasks[task][0]
+            left[i] -= 1
+            if left[i] == 0:
+                finish(i)
+
+        if config.workers == 1 or len(tasks) <= 1:
+            for task in range(len(tasks)):
+                work(task, progress)
+                done(task, None)
+        else:
+            warm_up()
+            run_tasks(len(tasks), work, done, workers=config.workers, on_progress=progress, close_fds=(lock_fd,))
+        for i in stagings:  # finished before an interruption, not yet published (after forking: no threads)
+            if left[i] == 0 and results[i] is None:
+                if progress:
+                    progress(plans[i].name, plans[i].num_records, 0)
+                finish(i)
     return results  # type: ignore[return-value]
-
-
-def _convert_in_worker(plan: DatasetPlan, config: ConvertConfig, messages) -> SourceResult:
-    return convert_dataset(plan, config, lambda name, n, nbytes: messages.put((name, n, nbytes)))
-
-
-def _drain(messages, progress: Progress | None, empty: type[Exception]) -> None:
-    while True:
-        try:
-            item = messages.get_nowait()
-        except empty:
-            return
-        if progress:
-            progress(*item)

@@ -19,8 +19,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from manifests.md_spec import md_v2_view, parse_md_spec
-from manifests.writer import ClassRecord, SourceWriter, source_dir
+from manifests.staging import SourceWriter, output_lock, recover_publish
+from manifests.writer import ClassRecord, source_dir
 
 from convert.md import GROUP, SourceResult, source_result, converter_version, up_to_date
 
@@ -32,7 +32,6 @@ _LABELS_MAGIC = 2049
 _SIDE = 28
 _OUT_SIDE = 84
 _NUM_CLASSES = 10
-SPLIT_VIEWS = {"train": "md-v2", "test": "md-v1"}  # sampling view -> SourceInfo.benchmark
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,12 +40,7 @@ class MnistConfig:
 
     idx_dir: str  # folder with t10k-{images-idx3,labels-idx1}-ubyte[.gz]
     out: str  # output root; the source goes to <out>/md/mnist/
-    split: str = "train"  # sampling view: "train" (MD-v2 / LITE) or "test" (MD + 3 extra, CNAPs)
     lossless: bool = False  # store PNG instead of MD's quality-75 JPEG
-
-    def __post_init__(self):
-        if self.split not in SPLIT_VIEWS:
-            raise ValueError(f"--split must be one of {tuple(SPLIT_VIEWS)}, got {self.split!r}")
 
 
 def _find(idx_dir: Path, name: str) -> Path:
@@ -128,13 +122,20 @@ def mnist_md_spec(counts: list[int], path: str) -> dict[str, Any]:
 
 
 def convert_mnist(config: MnistConfig, progress: Callable[[int], None] | None = None) -> SourceResult:
-    """Convert the t10k idx files of `config.idx_dir` into `<out>/md/mnist/` (skipped when up to date)."""
+    """Convert the t10k idx files of `config.idx_dir` into `<out>/md/mnist/` (skipped when up to date), holding
+    the output root's lock (`manifests.staging.output_lock`)."""
     start_time = time.perf_counter()
-    images, labels, paths = read_mnist_idx(config.idx_dir)
+    images, labels, paths = read_mnist_idx(config.idx_dir)  # checked before anything is written
+    with output_lock(config.out):
+        recover_publish(Path(config.out), GROUP, SOURCE)  # a publish killed half-way
+        return _convert_locked(config, images, labels, paths, start_time, progress)
+
+
+def _convert_locked(config: MnistConfig, images: np.ndarray, labels: np.ndarray, paths: tuple[Path, Path],
+                    start_time: float, progress: Callable[[int], None] | None) -> SourceResult:
     out = Path(config.out)
     fingerprint = {
         "idx_sha256": {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in paths},
-        "split": config.split,
         "lossless": config.lossless,
         "converter_version": converter_version(),
     }
@@ -154,16 +155,15 @@ def convert_mnist(config: MnistConfig, progress: Callable[[int], None] | None = 
             if progress:
                 progress(len(rows))
         spec = mnist_md_spec([len(r) for r in per_class], str(source_dir(out, GROUP, SOURCE)))
-        parsed = parse_md_spec(spec, "generated mnist spec")
-        sampling_spec = md_v2_view(parsed) if config.split == "train" else spec
-        split = "train" if config.split == "train" else "test"
-        classes = [ClassRecord(c, f"class_{c}", split, None, len(rows)) for c, rows in enumerate(per_class)]
+        # The source's own split (CNAPs' spec: every class in test); MD-v2 makes it a training source when
+        # reading (manifests.md_spec.spec_view).
+        classes = [ClassRecord(c, f"class_{c}", "test", None, len(rows)) for c, rows in enumerate(per_class)]
         info = writer.finish(classes, {
             "origin": f"mnist idx t10k ({paths[0].name}, {paths[1].name})",
             "converter_version": converter_version(),
-            "benchmark": SPLIT_VIEWS[config.split],
+            "benchmark": "md-v1",
             "dataset_spec": spec,
-            "sampling_spec": sampling_spec,
+            "sampling_spec": spec,
             "extra": {"fingerprint": fingerprint, "convert_config": dataclasses.asdict(config),
                       "image_format": "png" if config.lossless else "jpg"},
         })

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import os
 import struct
-from typing import BinaryIO, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import crc32c
 
 _MASK_DELTA = 0xA282EAD8
 _HEADER = struct.Struct("<QI")  # payload length, masked CRC of the length bytes
 _CRC = struct.Struct("<I")
-_READ_BUFFER = 1 << 20
 
 
 class RecordError(ValueError):
@@ -71,40 +70,67 @@ def write_records(path: str | os.PathLike, payloads: Iterable[bytes]) -> None:
             f.write(frame(p))
 
 
-def iter_records(path: str | os.PathLike) -> Iterator[bytes]:
+class ReadBuffer:
+    """One growable buffer that whole record files are read into, reused from file to file (a fresh buffer
+    per file would fault in new memory pages for every byte read)."""
+
+    def __init__(self):
+        self._data = bytearray()
+
+    def read(self, path: str | os.PathLike) -> memoryview:
+        """The bytes of `path`, a view valid until the next `read`."""
+        with open(path, "rb", buffering=0) as f:
+            size = os.fstat(f.fileno()).st_size
+            if len(self._data) < size:
+                self._data = bytearray(size)  # a new one: views of the old one stay valid
+            view = memoryview(self._data)[:size]
+            done = 0
+            while done < size:
+                n = f.readinto(view[done:])
+                if not n:
+                    return view[:done]  # the file shrank meanwhile: its framing check will say so
+                done += n
+            return view
+
+
+def iter_records(path: str | os.PathLike, buffer: ReadBuffer | None = None) -> Iterator[memoryview]:
     """Yield the payload of every record of `path`, in file order, after checking both CRCs.
+
+    The file is read whole (MD writes one file per class, so this is one class's records) into `buffer` (a
+    new one if None), and payloads are zero-copy views into it, valid until the buffer reads the next file:
+    a consumer that keeps one must copy it (`bytes(view)`).
 
     Raises:
         RecordError: truncated header or payload, or a CRC mismatch; the message names the file and
             the record index.
     """
-    with open(path, "rb", buffering=_READ_BUFFER) as f:
-        yield from _iter_open(f, os.fspath(path), os.fstat(f.fileno()).st_size)
+    name = os.fspath(path)
+    try:
+        data = (buffer or ReadBuffer()).read(path)
+    except OSError as e:
+        raise RecordError(f"{name}: cannot be read: {e.strerror or e}") from None
+    yield from _iter_buffer(data, name)
 
 
-def _iter_open(f: BinaryIO, name: str, file_size: int) -> Iterator[bytes]:
-    index, pos = 0, 0
-    while True:
-        header = f.read(_HEADER.size)
-        if not header:
-            return
+def _iter_buffer(buf: memoryview, name: str) -> Iterator[memoryview]:
+    index, pos, end = 0, 0, len(buf)
+    header_size, crc_size = _HEADER.size, _CRC.size
+    while pos < end:
         where = f"{name}: record {index} (byte {pos})"
-        if len(header) < _HEADER.size:
-            raise RecordError(f"{where}: truncated length header ({len(header)} of {_HEADER.size} bytes)")
-        length, length_crc = _HEADER.unpack(header)
-        if masked_crc(header[:8]) != length_crc:
+        if end - pos < header_size:
+            raise RecordError(f"{where}: truncated length header ({end - pos} of {header_size} bytes)")
+        length, length_crc = _HEADER.unpack_from(buf, pos)
+        if masked_crc(buf[pos:pos + 8]) != length_crc:
             raise RecordError(f"{where}: length CRC mismatch (corrupt header)")
-        if pos + _HEADER.size + length + _CRC.size > file_size:
+        start = pos + header_size
+        if start + length + crc_size > end:
             raise RecordError(f"{where}: truncated, header announces {length} payload bytes but the file "
-                              f"ends {file_size - pos - _HEADER.size} bytes later")
-        payload = f.read(length)
-        tail = f.read(_CRC.size)
-        if len(payload) < length or len(tail) < _CRC.size:
-            raise RecordError(f"{where}: truncated payload")
-        if masked_crc(payload) != _CRC.unpack(tail)[0]:
+                              f"ends {end - start} bytes later")
+        payload = buf[start:start + length]
+        if masked_crc(payload) != _CRC.unpack_from(buf, start + length)[0]:
             raise RecordError(f"{where}: payload CRC mismatch")
         yield payload
-        pos += _HEADER.size + length + _CRC.size
+        pos = start + length + crc_size
         index += 1
 
 
@@ -163,8 +189,8 @@ def _parse_feature(buf: bytes, start: int, end: int) -> list:
         for inner, iwire, v in _fields(buf, *span):
             if inner != 1:
                 continue
-            if number == 1 and iwire == 2:  # BytesList.value
-                values.append(bytes(buf[v[0]:v[1]]))
+            if number == 1 and iwire == 2:  # BytesList.value (a view when `buf` is a memoryview)
+                values.append(buf[v[0]:v[1]])
             elif number == 3 and iwire == 0:  # Int64List.value, unpacked
                 values.append(_signed64(v))
             elif number == 3 and iwire == 2:  # Int64List.value, packed
@@ -181,8 +207,10 @@ def _parse_feature(buf: bytes, start: int, end: int) -> list:
     return values
 
 
-def parse_example(payload: bytes) -> dict[str, list]:
+def parse_example(payload: bytes | memoryview) -> dict[str, list]:
     """Parse a serialized `tf.train.Example` into {feature name: list of values}.
+
+    Bytes values are slices of `payload`: views when it is a memoryview (no copy of the image bytes).
 
     Raises:
         ValueError: the payload is not a well-formed Example.
@@ -197,7 +225,7 @@ def parse_example(payload: bytes) -> dict[str, list]:
             key, value = None, []
             for enum, ewire, v in _fields(payload, *entry):
                 if enum == 1 and ewire == 2:
-                    key = payload[v[0]:v[1]].decode("utf-8")
+                    key = bytes(payload[v[0]:v[1]]).decode("utf-8")
                 elif enum == 2 and ewire == 2:
                     value = _parse_feature(payload, *v)
             if key is None:
@@ -206,7 +234,7 @@ def parse_example(payload: bytes) -> dict[str, list]:
     return features
 
 
-def read_md_example(payload: bytes, where: str) -> tuple[bytes, int]:
+def read_md_example(payload: bytes | memoryview, where: str) -> tuple[bytes | memoryview, int]:
     """An MD record's (image bytes, label): exactly one `image` bytes value and one `label` int64.
 
     Raises:
@@ -217,7 +245,7 @@ def read_md_example(payload: bytes, where: str) -> tuple[bytes, int]:
     except (ValueError, UnicodeDecodeError, struct.error) as e:
         raise RecordError(f"{where}: not a tf.train.Example ({e})") from None
     image, label = features.get("image"), features.get("label")
-    if not image or len(image) != 1 or not isinstance(image[0], bytes):
+    if not image or len(image) != 1 or not isinstance(image[0], (bytes, memoryview)):
         raise RecordError(f"{where}: feature 'image' must hold exactly one bytes value, got {_describe(image)}")
     if not label or len(label) != 1 or not isinstance(label[0], int):
         raise RecordError(f"{where}: feature 'label' must hold exactly one int64 value, got {_describe(label)}")

@@ -21,10 +21,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from pathlib import Path
 from typing import Any
 
 SPLITS = ("train", "valid", "test")
 _MD_SPLITS = ("TRAIN", "VALID", "TEST")  # the spelling of split keys inside dataset_spec.json
+
+# MD's (and LITE's MD-v2) dataset_spec.json files, shipped as package data with their provenance README.
+SHIPPED_SPECS_DIR = Path(__file__).resolve().parent / "md_specs"
+_SHIPPED_SUFFIX = "_dataset_spec.json"
 
 KINDS = {
     "DatasetSpecification": "flat",
@@ -278,6 +283,26 @@ def load_md_spec(path: str | os.PathLike) -> MDSpec:
     return parse_md_spec(raw, os.fspath(path))
 
 
+VIEWS = ("md-v1", "md-v2")  # class-split views of MD sources, chosen when reading (see spec_view)
+
+
+def spec_view(spec: MDSpec, view: str) -> MDSpec:
+    """The spec the episode sampler uses for a source in a benchmark view.
+
+    A converted source keeps its own spec (MD-v1's); the view is applied when reading, so one converted
+    copy serves both: "md-v1" returns `spec` itself, "md-v2" returns the parsed `md_v2_view(spec)` where
+    MD-v2 re-splits the source (ilsvrc_2012, mnist) and `spec` itself elsewhere. Class ids, counts and
+    names are the same in both views; only which split owns a class (and ImageNet's graph) changes.
+
+    Raises:
+      ValueError: an unknown view.
+    """
+    if view not in VIEWS:
+        raise ValueError(f"view must be one of {VIEWS}, got {view!r}")
+    raw = md_v2_view(spec) if view == "md-v2" else None
+    return spec if raw is None else parse_md_spec(raw, f"md-v2 view of {spec.name}")
+
+
 def md_v2_view(spec: MDSpec) -> dict | None:
     """The `dataset_spec.json` dict MD-v2 (LITE's VTAB+MD setup) uses for this source, or None.
 
@@ -302,3 +327,25 @@ def md_v2_view(spec: MDSpec) -> dict | None:
         "file_pattern": spec.raw.get("file_pattern", "{}.tfrecords"),
         "__class__": "DatasetSpecification",
     }
+
+
+def shipped_spec_names() -> tuple[str, ...]:
+    """Names of the specs shipped in `md_specs/` (e.g. "omniglot", "lite_v2_mnist"), sorted."""
+    return tuple(sorted(p.name[: -len(_SHIPPED_SUFFIX)] for p in SHIPPED_SPECS_DIR.glob("*" + _SHIPPED_SUFFIX)))
+
+
+def shipped_spec_path(name: str) -> Path:
+    """Path of the shipped `<name>_dataset_spec.json`.
+
+    Raises:
+      ValueError: `name` is not a shipped spec (the message lists those that are).
+    """
+    path = SHIPPED_SPECS_DIR / f"{name}{_SHIPPED_SUFFIX}"
+    if "/" in name or os.sep in name or not path.is_file():
+        raise ValueError(f"no shipped dataset spec named {name!r}; shipped: {', '.join(shipped_spec_names())}")
+    return path
+
+
+def load_shipped_spec(name: str) -> MDSpec:
+    """`load_md_spec` of the shipped spec `name` (see `shipped_spec_path`)."""
+    return load_md_spec(shipped_spec_path(name))

@@ -23,7 +23,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Version 2 = version 1 + the "ordered" layout (VTAB tasks) with provenance.parquet and typed TFDS origins;
+# a version-1 source reads as a version-2 source with layout "class-contiguous" and no TFDS origin.
+READABLE_FORMAT_VERSIONS = (1, 2)
 
 CLASSES_FILE = "classes.parquet"
 SAMPLES_FILE = "samples.parquet"
@@ -137,6 +140,8 @@ class SourceInfo:
     dataset_spec: dict[str, Any] | None  # the original dataset_spec.json, verbatim (None if there was none)
     sampling_spec: dict[str, Any] | None  # the spec the episode sampler must use in this view
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # converter-specific provenance
+    layout: str = "class-contiguous"  # one of LAYOUTS (format version 2; version 1 is always class-contiguous)
+    tfds: "TfdsOrigin | None" = None  # the TFDS builder the source was read from (format version 2)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True) + "\n"
@@ -145,11 +150,51 @@ class SourceInfo:
     def from_json(cls, text: str, origin: str = "source.json") -> "SourceInfo":
         raw = json.loads(text)
         version = raw.get("format_version")
-        if version != FORMAT_VERSION:
-            raise ValueError(f"{origin}: format version {version!r}, this reader understands {FORMAT_VERSION}")
+        if version not in READABLE_FORMAT_VERSIONS:
+            raise ValueError(f"{origin}: format version {version!r}, this reader understands "
+                             f"{', '.join(map(str, READABLE_FORMAT_VERSIONS))}")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(raw) - names
         if unknown:
             raise ValueError(f"{origin}: unknown fields {sorted(unknown)}")
         raw["shards"] = tuple(ShardInfo(**s) for s in raw["shards"])
+        if raw.get("layout", LAYOUTS[0]) not in LAYOUTS:
+            raise ValueError(f"{origin}: layout {raw['layout']!r} is not one of {LAYOUTS}")
+        if raw.get("tfds") is not None:
+            raw["tfds"] = TfdsOrigin(**raw["tfds"])
         return cls(**raw)
+
+
+# -- format version 2: sources that are not class-contiguous (VTAB tasks) -----------------------------------
+# "class-contiguous" (Meta-Dataset): samples sorted by class, each class one block (classes.first_sample,
+# num_images give the block). "ordered" (VTAB): samples in the order the source defines (support rows, then
+# query rows, each in TFDS canonical order); a class's rows are spread out, classes.first_sample is the row
+# of its first sample (-1 for a class without samples), index_in_class its rank among the class's rows, and
+# provenance.parquet says where every row came from. Keys follow sample_key() in both layouts.
+LAYOUTS = ("class-contiguous", "ordered")
+ROLES = ("support", "query")
+PROVENANCE_FILE = "provenance.parquet"
+
+# One row per sample of an "ordered" source, aligned with samples.parquet row for row.
+PROVENANCE_SCHEMA = pa.schema(
+    [
+        pa.field("role", pa.string(), nullable=False),  # one of ROLES
+        pa.field("tfds_split", pa.string(), nullable=False),  # TFDS split read: "train", "validation", "test"
+        pa.field("tfds_slice", pa.string(), nullable=False),  # the split string it came from, e.g. "train[:800]"
+        pa.field("tfds_index", pa.int64(), nullable=False),  # position in the TFDS split's canonical order
+        pa.field("raw_value", pa.float64(), nullable=False),  # what the label was derived from (count, depth, ...)
+        pa.field("tfds_id", pa.string(), nullable=True),  # TFDS's own record id (file + index), when it gave one
+    ]
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class TfdsOrigin:
+    """The TFDS builder a source was read from (source.json `tfds`)."""
+
+    name: str  # builder name, e.g. "clevr"
+    config: str | None  # builder config, e.g. "btgraham-300"; None for builders without configs
+    version: str  # dataset version read, e.g. "3.1.0"
+    package_version: str  # tensorflow-datasets version that read it
+    protocol: str  # how support and query were chosen, e.g. "vtab1k"
+    label_rule: str  # how labels were derived from the TFDS features, e.g. "clevr_count_all"

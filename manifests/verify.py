@@ -1,23 +1,29 @@
 """Checks a converted source against its manifests: shards + manifests in, a report or one precise error out.
 
 Every tar is walked header by header (the only place a tar is scanned): members must be exactly
-`<key>.cls` then `<key>.<format>` for each manifest row in order, at the recorded offsets and sizes, with the
-recorded CRC and label; `index.npy`, `classes.parquet` and `source.json` must agree with `samples.parquet`.
+`<key>.cls` then `<key>.<format>` for each manifest row in order, with the exact headers the format
+prescribes, at the recorded offsets and sizes, with the recorded CRC and label, and nothing but zeros after
+them; samples.parquet is read in record batches (memory does not grow with Python objects per sample); `index.npy`, `classes.parquet` and `source.json` must agree with `samples.parquet`.
+Every column of `classes.parquet` is checked against the dataset spec kept in `source.json` when the source
+is opened (`manifests.reader.check_classes`, the same check the loader runs).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import tarfile
 import zlib
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
+import pyarrow.parquet as pq
 
 from manifests import schema
 from manifests.reader import ManifestError, SourceReader
+from manifests.writer import _BLOCK, _tar_header
+
+_BATCH_ROWS = 1 << 16  # samples.parquet rows per record batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,28 +52,33 @@ def verify_source(
     """
     reader = SourceReader(path)
     info = reader.info
-    samples = reader.samples()
-    keys = samples["key"].to_pylist()
-    class_ids = samples["class_id"].to_numpy()
-    index_in_class = samples["index_in_class"].to_numpy()
-    shard_col = samples["shard"].to_numpy()
-    offsets = samples["offset"].to_numpy()
-    sizes = samples["size"].to_numpy()
-    formats = samples["format"].to_pylist()
-    crcs = samples["crc32"].to_numpy()
     where = reader.path
-
-    _check(len(keys) == info.num_samples, where / schema.SAMPLES_FILE,
-           f"{len(keys)} rows, source.json says {info.num_samples}")
+    manifest = pq.ParquetFile(where / schema.SAMPLES_FILE)
+    num_rows = manifest.metadata.num_rows
+    _check(num_rows == info.num_samples, where / schema.SAMPLES_FILE,
+           f"{num_rows} rows, source.json says {info.num_samples}")
+    # The integer columns as NumPy arrays (28 bytes per sample); keys, formats and CRCs are read one record
+    # batch at a time, so no column is ever held as Python objects.
+    ints = manifest.read(columns=["class_id", "index_in_class", "shard", "offset", "size"])
+    class_ids = ints["class_id"].to_numpy()
+    index_in_class = ints["index_in_class"].to_numpy()
     for field in ("offset", "size", "shard"):
-        bad = np.flatnonzero(reader.index[field] != samples[field].to_numpy())
+        bad = np.flatnonzero(reader.index[field] != ints[field].to_numpy())
         _check(bad.size == 0, where / schema.INDEX_FILE,
                f"column {field} differs from samples.parquet at row {bad[:1].tolist()}")
-    _verify_classes(reader, class_ids, index_in_class)
+    del ints
+    if info.layout == "ordered":  # format version 2: VTAB tasks (manifests/provenance.py)
+        from manifests.provenance import verify_ordered
 
+        verify_ordered(reader, class_ids, index_in_class)
+    else:
+        _verify_classes(reader, class_ids, index_in_class)
+
+    rows = _manifest_rows(manifest)
     row = 0
     total_bytes = 0
     decoded = 0
+    index = reader.index
     for shard_no, shard in enumerate(info.shards):
         shard_path = where / shard.name
         _check(shard_path.is_file(), shard_path, "missing")
@@ -75,32 +86,37 @@ def verify_source(
         _check(size == shard.num_bytes, shard_path, f"{size} bytes, source.json says {shard.num_bytes}")
         total_bytes += size
         first = row
-        with open(shard_path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
-            members = iter(tar)
+        with open(shard_path, "rb", buffering=1 << 20) as f:
             while True:
-                label_member = next(members, None)
-                if label_member is None:
-                    break
-                _check(row < len(keys), shard_path, f"extra member {label_member.name!r} after the last sample")
-                key = keys[row]
+                header = f.read(_BLOCK)
+                if len(header) < _BLOCK or not any(header):
+                    break  # end of archive (its zero blocks and padding are checked below)
+                _check(row < num_rows, shard_path, f"extra member {_member_name(header)!r} after the last sample")
+                key, fmt, crc = next(rows)
+                class_id, in_class = int(class_ids[row]), int(index_in_class[row])
                 ctx = f"{shard_path}: sample {key} (row {row})"
-                _check(key == schema.sample_key(int(class_ids[row]), int(index_in_class[row])), ctx,
-                       f"key does not follow the key rule for class {class_ids[row]}, index {index_in_class[row]}")
-                _check(shard_col[row] == shard_no, shard_path, f"row {row} ({key}) belongs to shard {shard_col[row]}")
-                _check(label_member.name == f"{key}.{schema.LABEL_EXTENSION}", ctx,
-                       f"expected member {key}.{schema.LABEL_EXTENSION}, found {label_member.name!r}")
-                label = tar.extractfile(label_member).read()
-                _check(label == str(class_ids[row]).encode(), ctx, f"label {label!r} != class {class_ids[row]}")
-                image_member = next(members, None)
-                image_name = f"{key}.{formats[row]}"
-                _check(image_member is not None and image_member.name == image_name, ctx,
-                       f"expected member {image_name}, found {getattr(image_member, 'name', None)!r}")
-                _check(image_member.offset_data == offsets[row], ctx,
-                       f"image data at byte {image_member.offset_data}, manifest says {offsets[row]}")
-                _check(image_member.size == sizes[row], ctx,
-                       f"image size {image_member.size}, manifest says {sizes[row]}")
-                data = tar.extractfile(image_member).read()
-                _check(zlib.crc32(data) == crcs[row], ctx, "image bytes do not match the manifest's crc32")
+                # Plain ifs, not _check: its message would be formatted for every sample.
+                if key != schema.sample_key(class_id, in_class):
+                    _fail(ctx, f"key does not follow the key rule for class {class_id}, index {in_class}")
+                if index["shard"][row] != shard_no:
+                    _fail(shard_path, f"row {row} ({key}) belongs to shard {index['shard'][row]}")
+                label = str(class_id).encode()
+                _check_header(header, f"{key}.{schema.LABEL_EXTENSION}", len(label), ctx)
+                block = f.read(_BLOCK)
+                if block != label + bytes(_BLOCK - len(label)):
+                    _fail(ctx, f"label {block.rstrip(bytes(1))!r} != class {class_id}")
+                image_size = int(index["size"][row])
+                _check_header(f.read(_BLOCK), f"{key}.{fmt}", image_size, ctx)
+                offset = f.tell()
+                if offset != index["offset"][row]:
+                    _fail(ctx, f"image data at byte {offset}, manifest says {index['offset'][row]}")
+                data = f.read(image_size)
+                if len(data) != image_size:
+                    _fail(ctx, "image data truncated")
+                if zlib.crc32(data) != crc:
+                    _fail(ctx, "image bytes do not match the manifest's crc32")
+                if any(f.read(-image_size % _BLOCK)):
+                    _fail(ctx, "non-zero padding after the image data")
                 if decode is not None:
                     try:
                         decode(data)
@@ -110,32 +126,44 @@ def verify_source(
                 row += 1
                 if progress is not None and row % 1000 == 0:
                     progress(1000)
+            _check(not any(f.read()), shard_path, "data after the end-of-archive blocks")
         _check(row - first == shard.num_samples, shard_path,
                f"{row - first} samples, source.json says {shard.num_samples}")
-    _check(row == len(keys), where / schema.SAMPLES_FILE, f"{len(keys) - row} manifest rows have no tar member")
+    _check(row == num_rows, where / schema.SAMPLES_FILE, f"{num_rows - row} manifest rows have no tar member")
     if progress is not None:
         progress(row % 1000)
     reader.close()
     return VerifyReport(info.source, info.num_classes, info.num_samples, len(info.shards), total_bytes, decoded)
 
 
+def _manifest_rows(manifest: pq.ParquetFile) -> Iterator[tuple[str, str, int]]:
+    """(key, format, crc32) of every row of samples.parquet, read one record batch at a time."""
+    for batch in manifest.iter_batches(batch_size=_BATCH_ROWS, columns=["key", "format", "crc32"]):
+        yield from zip(batch.column(0).to_pylist(), batch.column(1).to_pylist(), batch.column(2).to_pylist())
+
+
+def _member_name(header: bytes) -> str:
+    return header[:100].rstrip(bytes(1)).decode("utf-8", "replace")
+
+
+def _check_header(header: bytes, name: str, size: int, ctx: str) -> None:
+    """A member header must be exactly the one the format prescribes for `name` and `size` (docs/format.md)."""
+    if header == _tar_header(name, size):
+        return
+    _check(_member_name(header) == name, ctx, f"expected member {name}, found {_member_name(header)!r}")
+    found = header[124:136].rstrip(b"\0 ").decode("ascii", "replace")
+    _check(found == f"{size:011o}", ctx, f"member {name}: size {found} (octal), manifest says {size}")
+    raise ManifestError(f"{ctx}: member {name}: header fields (mode, owner, mtime, checksum) differ from the format")
+
+
 def _verify_classes(reader: SourceReader, class_ids: np.ndarray, index_in_class: np.ndarray) -> None:
+    # classes.parquet vs source.json and its spec was checked when the reader opened (check_classes);
+    # here: the class blocks vs samples.parquet.
     where = reader.path / schema.CLASSES_FILE
-    info = reader.info
     first = reader.classes["first_sample"].to_numpy()
     count = reader.classes["num_images"].to_numpy()
     ids = reader.classes["class_id"].to_numpy()
-    splits = reader.classes["split"].to_pylist()
-    _check(len(ids) == info.num_classes, where, f"{len(ids)} classes, source.json says {info.num_classes}")
-    _check(bool(np.all(np.diff(ids) > 0)), where, "class ids are not strictly increasing")
-    expected_first = np.concatenate([[0], np.cumsum(count)[:-1]]) if len(count) else count
-    bad = np.flatnonzero(first != expected_first)
-    _check(bad.size == 0, where, f"class {ids[bad[:1]].tolist()} does not start where the previous one ends")
     _check(int(count.sum()) == len(class_ids), where, f"counts add to {int(count.sum())}, {len(class_ids)} samples")
-    for s in schema.SPLITS:
-        n = splits.count(s)
-        _check(n == info.classes_per_split.get(s, 0), where, f"{n} {s} classes, source.json says "
-               f"{info.classes_per_split.get(s, 0)}")
     for cid, start, n in zip(ids, first, count):
         block_ids = class_ids[start:start + n]
         block_idx = index_in_class[start:start + n]
@@ -145,4 +173,8 @@ def _verify_classes(reader: SourceReader, class_ids: np.ndarray, index_in_class:
 
 def _check(ok: bool, where: Path | str, message: str) -> None:
     if not ok:
-        raise ManifestError(f"{where}: {message}")
+        _fail(where, message)
+
+
+def _fail(where: Path | str, message: str) -> None:
+    raise ManifestError(f"{where}: {message}")

@@ -1,27 +1,30 @@
-"""Writes one converted source: (class, record, bytes) samples in -> tar shards + manifests out.
+"""Writes the shards of one run: (class, record, bytes) samples in -> committed tar shards + manifest parts out.
 
-Atomicity and resumption: everything is written into a hidden staging folder
-`<root>/<group>/.<source>.partial/`. A shard is written as `<name>.tmp`, fsynced and renamed, and only then
-is its part of the sample manifest (`parts/<n>.parquet`) written, also atomically. After a crash or a kill,
-a new `SourceWriter` with the same input fingerprint finds the committed shards, drops everything else, and
-reports the last committed sample so the converter continues right after it. Shard boundaries depend only
-on the shard's own sample count and byte size, so a resumed conversion writes exactly the shards an
-uninterrupted one would. `finish()` writes the manifests, `source.json` last, and renames the staging folder
-to `<root>/<group>/<source>/`: a reader never sees a half-written source.
+Runs. A source's classes are cut into *runs* of consecutive classes (`plan_runs`, a pure function of the
+input); a shard never spans a run boundary, so runs can be written by separate processes in any order and
+the result is byte-identical whatever the number of workers (`manifests.staging` assembles them).
+
+In a run folder a shard is written as `<n>.tar.tmp`, fsynced and renamed to `<n>.tar`, and only then is its
+part of the sample manifest (`<n>.parquet`) written, also atomically; this commit runs on a background thread
+while the next shard is written (the disk flushes one shard while the CPU fills the next). After a crash or a kill, `RunWriter`
+keeps the committed shards that are still byte for byte what their part describes (size, member headers,
+every sample's crc32; the first damaged one and everything after it are dropped), and reports the last
+committed sample so the converter continues right after it.
+
+Every write failure (a full disk) is an `OSError` whose message names the file and what was being written.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 import tarfile
+import threading
 import zlib
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -29,8 +32,8 @@ from manifests import schema
 
 _BLOCK = 512
 _RECORD = 20 * _BLOCK  # tar files are padded to whole records, as GNU tar and Python's tarfile do
-_PLAN_FILE = "plan.json"
-_PARTS_DIR = "parts"
+_END = b"\0" * (2 * _BLOCK)
+_JOIN_BELOW = 1 << 14  # image bytes below which a sample is written with one call
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,22 +47,34 @@ class ClassRecord:
     num_images: int  # expected count; finish() checks it against the samples written
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def _write_error(path: Path, what: str, error: OSError) -> OSError:
+    """One-line error for a failed write: the file, what was being written, the system's reason."""
+    return OSError(f"{path}: cannot write {what}: {error.strerror or error}")
+
+
+def atomic_write_bytes(path: Path, data: bytes, what: str = "a file") -> None:
     """Write `data` to `path` via a fsynced temporary file and a rename."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise _write_error(path, what, e) from None
 
 
-def _atomic_write_parquet(table: pa.Table, path: Path) -> None:
+def _atomic_write_parquet(table: pa.Table, path: Path, what: str = "a manifest") -> None:
     tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp, compression="zstd")
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            pq.write_table(table, f, compression="zstd")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise _write_error(path, what, e) from None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -70,7 +85,10 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _tar_header(name: str, size: int) -> bytes:
+# -- tar members --------------------------------------------------------------------------------------------
+# A USTAR header is a fixed 512-byte template in which only the name, the size and the checksum vary, so it
+# is built from a template made once by `tarfile` itself (byte-identical to `TarInfo.tobuf`, tested).
+def _tarfile_header(name: str, size: int) -> bytes:
     info = tarfile.TarInfo(name)
     info.size = size
     info.mtime = schema.TAR_MTIME
@@ -80,8 +98,40 @@ def _tar_header(name: str, size: int) -> bytes:
     return info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
 
 
+_TEMPLATE = bytearray(_tarfile_header("", 0))
+_TEMPLATE[148:156] = b" " * 8  # checksum field counts as spaces while the checksum is computed
+_TEMPLATE_SUM = sum(_TEMPLATE) - sum(_TEMPLATE[124:136])  # without the size field
+_MAX_SIZE = 8 ** 11  # 11 octal digits
+
+
+def _tar_header(name: str, size: int) -> bytes:
+    """The USTAR header of a regular-file member `name` of `size` bytes, as `tarfile` writes it."""
+    raw = name.encode()
+    if not raw or len(raw) > schema.MAX_MEMBER_NAME_BYTES or not 0 <= size < _MAX_SIZE:
+        return _tarfile_header(name, size)  # tarfile raises its own error for what USTAR cannot hold
+    size_field = b"%011o\0" % size
+    header = _TEMPLATE.copy()
+    header[:len(raw)] = raw
+    header[124:136] = size_field
+    header[148:155] = b"%06o\0" % (_TEMPLATE_SUM + sum(raw) + sum(size_field))
+    return bytes(header)
+
+
 def _padding(size: int, unit: int = _BLOCK) -> bytes:
     return b"\0" * (-size % unit)
+
+
+def _shard_size(end_of_last_member: int) -> int:
+    """Tar file size once the end-of-archive blocks and the record padding follow the last member."""
+    end = end_of_last_member + len(_END)
+    return end + (-end % _RECORD)
+
+
+def warm_up() -> None:
+    """Pay pyarrow's one-time costs (its first Python conversion imports pandas; the first Parquet write sets
+    up the codec) in this process, so that processes forked from it do not each pay them again."""
+    table = pa.Table.from_pylist([], schema=schema.SAMPLE_SCHEMA)
+    pq.write_table(table, pa.BufferOutputStream(), compression="zstd")
 
 
 def staging_dir(root: Path, group: str, source: str) -> Path:
@@ -97,96 +147,81 @@ def is_complete(root: Path, group: str, source: str) -> bool:
     return (source_dir(root, group, source) / schema.SOURCE_FILE).is_file()
 
 
-class SourceWriter:
-    """Append samples in (class_id, index_in_class) order; shards roll over by count and bytes.
+
+def plan_runs(class_bytes: Sequence[int], class_samples: Sequence[int], max_samples: int,
+              max_bytes: int) -> tuple[tuple[int, int], ...]:
+    """Cut classes 0..C-1 into runs `[(first class, end class), ...]` of consecutive classes.
+
+    Rule: a run takes classes while its total `class_bytes` (input bytes, an upper bound of the image
+    bytes) stays <= `max_bytes` and its samples <= `max_samples`; a class that alone exceeds a limit is a
+    run of its own. A run therefore usually fills one shard (image bytes <= input bytes), and the runs are
+    a pure function of the input and the two shard limits, never of the number of workers.
+    """
+    runs, start, nbytes, nsamples = [], 0, 0, 0
+    for c, (b, s) in enumerate(zip(class_bytes, class_samples)):
+        if c > start and (nbytes + b > max_bytes or nsamples + s > max_samples):
+            runs.append((start, c))
+            start, nbytes, nsamples = c, 0, 0
+        nbytes += b
+        nsamples += s
+    if len(class_bytes) > start or not runs:
+        runs.append((start, len(class_bytes)))
+    return tuple(runs)
+
+
+class RunWriter:
+    """Append the samples of one run in (class_id, index_in_class) order; shards roll over by count and bytes.
 
     Args:
-        root: output root; the source goes to `<root>/<group>/<source>/`.
-        group: e.g. "md" or "vtab".
-        source: e.g. "omniglot".
-        fingerprint: JSON-able description of the input and settings. A staging folder left by an
-            interrupted run is resumed only if its fingerprint is equal; otherwise it is discarded.
+        folder: the run's staging folder (`<staging>/runs/<run:06d>/`), created if missing. Committed shards
+            found there are checked against their parts (size, headers, every sample's crc32); the first
+            damaged one and all later ones are dropped, as are uncommitted files.
         max_shard_samples / max_shard_bytes: a shard is closed as soon as it holds this many samples or
             this many bytes of image data.
     """
 
-    def __init__(
-        self,
-        root: Path,
-        group: str,
-        source: str,
-        *,
-        fingerprint: dict[str, Any],
-        max_shard_samples: int = schema.DEFAULT_MAX_SHARD_SAMPLES,
-        max_shard_bytes: int = schema.DEFAULT_MAX_SHARD_BYTES,
-    ):
-        schema.check_name("group", group)
-        schema.check_name("source", source)
-        if max_shard_samples < 1 or max_shard_bytes < 1:
-            raise ValueError("max_shard_samples and max_shard_bytes must be positive")
-        self.root, self.group, self.source = Path(root), group, source
-        self.stage = staging_dir(self.root, group, source)
-        self.final = source_dir(self.root, group, source)
-        self.max_shard_samples = max_shard_samples
-        self.max_shard_bytes = max_shard_bytes
-        plan = {"format_version": schema.FORMAT_VERSION, "max_shard_samples": max_shard_samples,
-                "max_shard_bytes": max_shard_bytes, "fingerprint": fingerprint}
-        self._parts: list[pa.Table] = []
-        self._resume_or_start(plan)
-        self._file = None  # the open shard: a binary file positioned at its end
+    def __init__(self, folder: Path, *, max_shard_samples: int, max_shard_bytes: int):
+        self.folder = Path(folder)
+        self.max_shard_samples, self.max_shard_bytes = max_shard_samples, max_shard_bytes
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._committed: list[tuple[int, tuple[int, int]]] = []  # per shard: (rows, last (class, index))
+        self._keep_checked_shards()
+        self._file = None  # the open shard: a binary file
+        self._pos = 0  # its size so far
+        self._next_shard = len(self._committed)  # run-local number of the next shard
+        self._pending = None  # (thread, its errors, committed entry) of the commit under way
         self._rows: dict[str, list] = {}
+        self._shard_bytes = 0
         self._last: tuple[int, int] | None = self.last_committed
 
-    # -- staging ------------------------------------------------------------------------------------------
-    def _resume_or_start(self, plan: dict[str, Any]) -> None:
-        plan_path = self.stage / _PLAN_FILE
-        if plan_path.is_file():
-            try:
-                same = json.loads(plan_path.read_text()) == json.loads(json.dumps(plan))
-            except ValueError:
-                same = False
-            if same:
-                self._load_committed_parts()
-                return
-        if self.stage.exists():
-            shutil.rmtree(self.stage)
-        (self.stage / _PARTS_DIR).mkdir(parents=True)
-        atomic_write_bytes(plan_path, json.dumps(plan, sort_keys=True).encode())
-
-    def _load_committed_parts(self) -> None:
-        """Keep shards whose manifest part was committed; delete temporaries and uncommitted shards."""
-        parts_dir = self.stage / _PARTS_DIR
+    def _keep_checked_shards(self) -> None:
         n = 0
-        while (parts_dir / f"{n:06d}.parquet").is_file():
-            self._parts.append(pq.read_table(parts_dir / f"{n:06d}.parquet"))
+        while (self.folder / f"{n:06d}.parquet").is_file():
+            try:
+                part = pq.read_table(self.folder / f"{n:06d}.parquet")
+            except (OSError, pa.ArrowException):
+                break
+            if part.num_rows == 0 or not _shard_matches(self.folder / f"{n:06d}.tar", part):
+                break
+            last = part.slice(part.num_rows - 1)
+            self._committed.append((part.num_rows, (last["class_id"][0].as_py(), last["index_in_class"][0].as_py())))
             n += 1
-        keep = {schema.shard_name(self.source, i) for i in range(n)} | {_PLAN_FILE, _PARTS_DIR}
-        for p in self.stage.iterdir():
+        keep = {f"{i:06d}.{ext}" for i in range(n) for ext in ("tar", "parquet")}
+        for p in self.folder.iterdir():
             if p.name not in keep:
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
-        for p in parts_dir.iterdir():
-            if p.name not in {f"{i:06d}.parquet" for i in range(n)}:
-                p.unlink()
-
-    @property
-    def num_shards(self) -> int:
-        return len(self._parts) + (self._file is not None)
 
     @property
     def num_committed(self) -> int:
         """Samples in committed shards: what survives an interruption."""
-        return sum(t.num_rows for t in self._parts)
+        return sum(rows for rows, _ in self._committed)
 
     @property
     def last_committed(self) -> tuple[int, int] | None:
         """(class_id, index_in_class) of the last committed sample, or None if nothing is committed."""
-        if not self._parts or self._parts[-1].num_rows == 0:
-            return None
-        last = self._parts[-1].slice(self._parts[-1].num_rows - 1)
-        return int(last["class_id"][0].as_py()), int(last["index_in_class"][0].as_py())
+        return self._committed[-1][1] if self._committed else None
 
-    # -- writing ------------------------------------------------------------------------------------------
-    def add(self, class_id: int, index_in_class: int, data: bytes, fmt: str) -> None:
+    def add(self, class_id: int, index_in_class: int, data: bytes | memoryview, fmt: str) -> None:
         """Append one sample. Samples must come in increasing (class_id, index_in_class) order."""
         if fmt not in schema.IMAGE_FORMATS:
             raise ValueError(f"image format {fmt!r} is not one of {schema.IMAGE_FORMATS}")
@@ -198,111 +233,124 @@ class SourceWriter:
             self._open_shard()
         key = schema.sample_key(class_id, index_in_class)
         label = str(class_id).encode()
-        f = self._file
+        size = len(data)
         # Members in sorted extension order, as webdataset's TarWriter writes them: cls, then jpg|png.
-        f.write(_tar_header(f"{key}.{schema.LABEL_EXTENSION}", len(label)))
-        f.write(label + _padding(len(label)))
-        f.write(_tar_header(f"{key}.{fmt}", len(data)))
-        offset = f.tell()
-        f.write(data)
-        f.write(_padding(len(data)))
+        head = b"".join((_tar_header(f"{key}.{schema.LABEL_EXTENSION}", len(label)), label,
+                         _padding(len(label)), _tar_header(f"{key}.{fmt}", size)))
+        offset = self._pos + len(head)
+        try:
+            if size < _JOIN_BELOW:  # one write call for small samples; large images are not copied again
+                self._file.write(b"".join((head, data, _padding(size))))
+            else:
+                self._file.write(head)
+                self._file.write(data)
+                self._file.write(_padding(size))
+        except OSError as e:
+            raise _write_error(Path(self._file.name), f"shard data (sample {key})", e) from None
+        self._pos = offset + size + (-size % _BLOCK)
         rows = self._rows
         rows["key"].append(key)
         rows["class_id"].append(class_id)
         rows["index_in_class"].append(index_in_class)
         rows["offset"].append(offset)
-        rows["size"].append(len(data))
+        rows["size"].append(size)
         rows["format"].append(fmt)
         rows["crc32"].append(zlib.crc32(data))
-        self._shard_bytes += len(data)
+        self._shard_bytes += size
         if len(rows["key"]) >= self.max_shard_samples or self._shard_bytes >= self.max_shard_bytes:
             self._close_shard()
 
     def _open_shard(self) -> None:
-        name = schema.shard_name(self.source, len(self._parts))
-        self._file = open(self.stage / (name + ".tmp"), "wb", buffering=1 << 20)
+        path = self.folder / f"{self._next_shard:06d}.tar.tmp"
+        try:
+            self._file = open(path, "wb", buffering=1 << 20)
+        except OSError as e:
+            raise _write_error(path, "a new shard", e) from None
+        self._pos = 0
         self._rows = {f.name: [] for f in schema.SAMPLE_SCHEMA if f.name != "shard"}
         self._shard_bytes = 0
 
     def _close_shard(self) -> None:
-        f = self._file
-        f.write(b"\0" * (2 * _BLOCK))
-        f.write(_padding(f.tell(), _RECORD))
-        f.flush()
-        os.fsync(f.fileno())
-        f.close()
+        """End the open shard and commit it on a background thread (fsync, rename, then its part), so that
+        the disk flushes it while the next shard is written; at most one commit is pending."""
+        f, index = self._file, self._next_shard
+        try:
+            f.write(_END + _padding(self._pos + len(_END), _RECORD))
+            f.flush()
+        except OSError as e:
+            raise _write_error(Path(f.name), "the end of a shard", e) from None
         self._file = None
-        index = len(self._parts)
-        name = schema.shard_name(self.source, index)
-        os.replace(self.stage / (name + ".tmp"), self.stage / name)
-        _fsync_dir(self.stage)
+        self._next_shard += 1
+        # The part's shard column holds the run-local shard number; finish() renumbers it globally.
         rows = dict(self._rows, shard=[index] * len(self._rows["key"]))
         table = pa.Table.from_pydict(rows, schema=schema.SAMPLE_SCHEMA)
-        _atomic_write_parquet(table, self.stage / _PARTS_DIR / f"{index:06d}.parquet")
-        self._parts.append(table)
+        self._wait()
+        errors: list[BaseException] = []
+        thread = threading.Thread(target=self._commit, args=(f, index, table, errors), daemon=True)
+        thread.start()
+        self._pending = (thread, errors, (table.num_rows, (rows["class_id"][-1], rows["index_in_class"][-1])))
+
+    def _commit(self, f, index: int, table: pa.Table, errors: list[BaseException]) -> None:
+        tmp = Path(f.name)
+        try:
+            try:
+                os.fsync(f.fileno())
+                f.close()
+                os.replace(tmp, self.folder / f"{index:06d}.tar")
+                _fsync_dir(self.folder)
+            except OSError as e:
+                raise _write_error(tmp, "the end of a shard", e) from None
+            _atomic_write_parquet(table, self.folder / f"{index:06d}.parquet", "a shard's manifest part")
+        except BaseException as e:  # noqa: BLE001 - raised again by _wait() in the writing thread
+            errors.append(e)
+
+    def _wait(self, raise_errors: bool = True) -> None:
+        """Wait for the pending commit; its shard then counts as committed (or its error is raised)."""
+        if self._pending is None:
+            return
+        thread, errors, entry = self._pending
+        thread.join()
+        self._pending = None
+        if errors:
+            if raise_errors:
+                raise errors[0]
+            return
+        self._committed.append(entry)
+
+    def close(self) -> None:
+        """Commit the open shard and wait for every commit: the run is complete."""
+        if self._file is not None:
+            self._close_shard()
+        self._wait()
 
     def abort(self) -> None:
-        """Close the open shard file without committing it (the staging folder stays resumable)."""
+        """Close the open shard file without committing it (the staging folder stays resumable); a commit
+        already under way is completed (its failure is not raised: abort runs while another error is)."""
+        self._wait(raise_errors=False)
         if self._file is not None:
             self._file.close()
             self._file = None
 
-    def finish(self, classes: Sequence[ClassRecord], info: dict[str, Any]) -> schema.SourceInfo:
-        """Write the manifests and publish the source.
 
-        Args:
-            classes: every class of the source in class-id order, with its expected image count.
-            info: the SourceInfo fields the converter knows (origin, converter_version, benchmark,
-                dataset_spec, sampling_spec, extra); counts and shards are filled in here.
-        """
-        if self._file is not None:
-            self._close_shard()
-        samples = pa.concat_tables(self._parts) if self._parts else schema.SAMPLE_SCHEMA.empty_table()
-        class_of_sample = samples["class_id"].to_numpy()
-        rows: dict[str, list] = {f.name: [] for f in schema.CLASS_SCHEMA}
-        start = 0
-        for c in classes:
-            end = start + c.num_images
-            if c.split not in schema.SPLITS:
-                raise ValueError(f"class {c.class_id}: split {c.split!r} is not one of {schema.SPLITS}")
-            written = int(np.count_nonzero(class_of_sample[start:end] == c.class_id))
-            if written != c.num_images:
-                raise ValueError(f"class {c.class_id}: {c.num_images} images expected, {written} written")
-            for field, value in (("class_id", c.class_id), ("name", c.name), ("split", c.split),
-                                 ("superclass", c.superclass), ("num_images", c.num_images),
-                                 ("first_sample", start)):
-                rows[field].append(value)
-            start = end
-        if start != samples.num_rows:
-            raise ValueError(f"{samples.num_rows} samples written, classes account for {start}")
-        class_table = pa.Table.from_pydict(rows, schema=schema.CLASS_SCHEMA)
-
-        index = np.empty(samples.num_rows, dtype=schema.INDEX_DTYPE)
-        for field in ("offset", "size", "shard"):
-            index[field] = samples[field].to_numpy()
-        shards = tuple(
-            schema.ShardInfo(name=schema.shard_name(self.source, i), num_samples=t.num_rows,
-                             num_bytes=(self.stage / schema.shard_name(self.source, i)).stat().st_size)
-            for i, t in enumerate(self._parts)
-        )
-        per_split = {s: rows["split"].count(s) for s in schema.SPLITS}
-        source_info = schema.SourceInfo(
-            format_version=schema.FORMAT_VERSION, group=self.group, source=self.source,
-            num_classes=len(classes), num_samples=samples.num_rows, classes_per_split=per_split,
-            shards=shards, **info,
-        )
-        _atomic_write_parquet(samples, self.stage / schema.SAMPLES_FILE)
-        _atomic_write_parquet(class_table, self.stage / schema.CLASSES_FILE)
-        with open(self.stage / (schema.INDEX_FILE + ".tmp"), "wb") as f:
-            np.save(f, index)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(self.stage / (schema.INDEX_FILE + ".tmp"), self.stage / schema.INDEX_FILE)
-        shutil.rmtree(self.stage / _PARTS_DIR)
-        (self.stage / _PLAN_FILE).unlink()
-        atomic_write_bytes(self.stage / schema.SOURCE_FILE, source_info.to_json().encode())
-        if self.final.exists():
-            shutil.rmtree(self.final)
-        os.replace(self.stage, self.final)
-        _fsync_dir(self.final.parent)
-        return source_info
+def _shard_matches(path: Path, part: pa.Table) -> bool:
+    """True when a committed shard is byte for byte what its part describes: the size, every member header
+    and label, every image's offset and crc32, zero padding and end blocks."""
+    offsets, sizes = part["offset"].to_numpy(), part["size"].to_numpy()
+    last = int(offsets[-1] + sizes[-1])
+    try:
+        with open(path, "rb", buffering=1 << 20) as f:
+            if os.fstat(f.fileno()).st_size != _shard_size(last + (-last % _BLOCK)):
+                return False
+            for key, class_id, fmt, offset, size, crc in zip(
+                    part["key"].to_pylist(), part["class_id"].to_pylist(), part["format"].to_pylist(),
+                    offsets.tolist(), sizes.tolist(), part["crc32"].to_pylist()):
+                label = str(class_id).encode()
+                head = b"".join((_tar_header(f"{key}.{schema.LABEL_EXTENSION}", len(label)), label,
+                                 _padding(len(label)), _tar_header(f"{key}.{fmt}", size)))
+                if f.read(len(head)) != head or f.tell() != offset:
+                    return False
+                if zlib.crc32(f.read(size)) != crc or any(f.read(-size % _BLOCK)):
+                    return False
+            return not any(f.read())
+    except OSError:
+        return False

@@ -1,10 +1,12 @@
-"""The one-way doors: manifests and lite_train never import TensorFlow/TFDS; convert never imports torch.
+"""The one-way doors: manifests and lite_train never import TensorFlow/TFDS; convert never imports torch;
+manifests imports pyarrow and numpy (and, lazily for decoding only, simplejpeg and PIL).
 
 Each check runs in a fresh interpreter, because this test process has already imported torch (conftest).
 """
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -56,6 +58,55 @@ def test_convert_never_imports_torch():
     assert _loaded_forbidden(_modules("convert"), clis, {"torch", "torchvision", "lite_train"}) == ""
 
 
+# What manifests may import besides the standard library and itself: pyarrow and numpy at module level;
+# manifests/decode.py (the byte decoder shared by `lite-convert verify --decode` and the runtime) also the two
+# codecs, inside the functions that decode, so that importing manifests never loads them.
+MANIFESTS_MODULE_LEVEL = {"pyarrow", "numpy"}
+MANIFESTS_LAZY = {"manifests/decode.py": {"simplejpeg", "PIL"}}
+
+
+def _third_party_imports(path: Path) -> tuple[set[str], set[str]]:
+    """Top-level package names a module imports outside the standard library: (module level, inside functions)."""
+    module_level, lazy = set(), set()
+    tree = ast.parse(path.read_text(), str(path))
+    inside = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+              for n in ast.walk(f) if n is not f}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names = {node.module.split(".")[0]}
+        else:
+            continue
+        (lazy if id(node) in inside else module_level).update(names - set(sys.stdlib_module_names) - {"manifests"})
+    return module_level, lazy
+
+
+def test_manifests_imports_only_pyarrow_numpy_and_the_decoders_lazy_codecs():
+    files = sorted((ROOT / "manifests").rglob("*.py"))
+    assert ROOT / "manifests" / "decode.py" in files
+    for path in files:
+        module_level, lazy = _third_party_imports(path)
+        rel = path.relative_to(ROOT).as_posix()
+        assert module_level <= MANIFESTS_MODULE_LEVEL, (rel, module_level)
+        assert lazy <= MANIFESTS_MODULE_LEVEL | MANIFESTS_LAZY.get(rel, set()), (rel, lazy)
+
+
 def test_manifests_imports_nothing_heavier_than_pyarrow_and_numpy():
     heavy = {"torch", "torchvision", "tensorflow", "PIL", "simplejpeg", "pandas", "lite_train", "convert"}
     assert _loaded_forbidden(_modules("manifests"), [], heavy) == ""
+
+
+def test_decoding_through_manifests_loads_neither_torch_nor_tensorflow():
+    import numpy as np
+    import simplejpeg
+
+    jpeg = simplejpeg.encode_jpeg(np.full((8, 8, 1), 128, np.uint8), 75, "GRAY")
+    code = (f"import sys\nfrom manifests.decode import decode_rgb\nassert decode_rgb({jpeg!r}).shape == (8, 8, 3)\n"
+            "import PIL.Image, io\nb = io.BytesIO()\nPIL.Image.new('RGB', (4, 3)).save(b, 'PNG')\n"
+            "assert decode_rgb(b.getvalue()).shape == (3, 4, 3)\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "{'torch', 'tensorflow', 'lite_train', 'convert'}))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"

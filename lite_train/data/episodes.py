@@ -18,7 +18,7 @@ from lite_train.data.episode_description import (EpisodeDescriptionConfig, Episo
                                                  sampler_rngs)
 from manifests import FilePool, SourceReader, open_source
 from manifests.reader import DEFAULT_MAX_OPEN_FILES
-from manifests.md_spec import MDSpec, parse_md_spec
+from manifests.md_spec import MDSpec, parse_md_spec, spec_view
 
 _SOURCE_CHOICE_STREAM = 0x5C  # SeedSequence spawn keys: independent streams derived from one seed
 _IMAGE_ORDER_STREAM = 0x1A
@@ -50,13 +50,18 @@ class EpisodePlan:
         return np.repeat(np.arange(len(self.description)), [q for _, _, q in self.description])
 
 
-def sampling_spec(reader: SourceReader) -> MDSpec:
-    """The MDSpec the episode sampler uses for a converted source, checked against its manifest."""
+def sampling_spec(reader: SourceReader, view: str = "md-v1") -> MDSpec:
+    """The MDSpec the episode sampler uses for a converted source in a benchmark view ("md-v1" | "md-v2"),
+    checked against its manifest. The view is applied here, to the spec the source was converted with
+    (`manifests.md_spec.spec_view`), so one converted copy serves every view."""
     info = reader.info
+    if info.benchmark != "md-v1":
+        raise ValueError(f"{reader.path}: converted in the {info.benchmark} view by an older lite-convert; "
+                         f"convert it again (the view is now chosen when reading)")
     raw = info.sampling_spec or info.dataset_spec
     if raw is None:
         raise ValueError(f"{reader.path}: source.json holds no dataset spec to sample episodes from")
-    spec = parse_md_spec(raw, origin=f"{reader.path}/source.json")
+    spec = spec_view(parse_md_spec(raw, origin=f"{reader.path}/source.json"), view)
     counts = reader.classes["num_images"].to_numpy()
     if spec.num_classes != len(counts) or tuple(counts.tolist()) != tuple(spec.images_per_class):
         raise ValueError(f"{reader.path}: the sampling spec's class counts differ from classes.parquet")
@@ -80,11 +85,14 @@ class EpisodePlanner:
         start: first episode index; plans before it are replayed (cheap) so a resumed run continues
             exactly where it stopped.
         use_hierarchy: False ignores the DAG / bilevel ontology (MD's ignore_*_ontology).
+        view: the benchmark view of the class splits, "md-v1" (each source's own spec) or "md-v2"
+            (LITE's: ImageNet flat with 1000 train classes, MNIST a training source).
     """
 
     def __init__(self, readers: Sequence[SourceReader], split: str, seed: int,
                  config: EpisodeDescriptionConfig = EpisodeDescriptionConfig(), *, order: str = "md",
-                 num_episodes: int | None = None, start: int = 0, use_hierarchy: bool = True):
+                 num_episodes: int | None = None, start: int = 0, use_hierarchy: bool = True,
+                 view: str = "md-v1"):
         if order not in ORDERS:
             raise ValueError(f"order {order!r} is not one of {ORDERS}")
         if not use_hierarchy:
@@ -92,10 +100,12 @@ class EpisodePlanner:
         self.readers = list(readers)
         self.split, self.seed, self.config, self.order = split, seed, config, order
         self.num_episodes, self.start = num_episodes, start
-        self.specs = [sampling_spec(r) for r in self.readers]
+        self.specs = [sampling_spec(r, view) for r in self.readers]
         # Fail now, not in the first episode: building a sampler checks the split against the config.
         for spec, rng in zip(self.specs, sampler_rngs(seed, len(self.specs))):
             EpisodeDescriptionSampler(spec, split, config, rng)
+        for reader, spec in zip(self.readers, self.specs):
+            check_class_sizes(reader.name, spec, split, config)
 
     def __len__(self) -> int:
         if self.num_episodes is None:
@@ -136,8 +146,31 @@ class EpisodePlanner:
                            np.concatenate(support), np.concatenate(query))
 
 
-def open_readers(data: str | Path, sources: Sequence[str],
-                 max_open_files: int = DEFAULT_MAX_OPEN_FILES) -> list[SourceReader]:
+def images_needed(config: EpisodeDescriptionConfig) -> int:
+    """Fewest images a class must have for every episode that may draw it: support + query shots, each
+    at least 1 when sampled (MD: 2 with variable shots; fixed k shots + q query: k + q)."""
+    support = config.num_support if isinstance(config.num_support, int) else \
+        config.num_support[1] if config.num_support is not None else 1
+    return support + (config.num_query if config.num_query is not None else 1)
+
+
+def check_class_sizes(source: str, spec: MDSpec, split: str, config: EpisodeDescriptionConfig) -> None:
+    """Raise ValueError naming the source, split and class when a class that episodes may draw holds fewer
+    images than an episode can need: MD raises only when an episode draws it, maybe hours into a run.
+    Classes below `min_examples_in_class` are never drawn and pass."""
+    need = images_needed(config)
+    for class_id in spec.split_class_ids(split):
+        count = spec.images_per_class[class_id]
+        if config.min_examples_in_class <= count < need:
+            raise ValueError(
+                f"source {source}, split {split}: class {class_id} ({spec.class_names[class_id]}) has {count} "
+                f"image{'s' if count != 1 else ''}, an episode can need {need}: set min_examples_in_class to "
+                f"{need} to skip such classes (MD's option), ask for fewer shots, or move the class out of the "
+                f"{split} split in the dataset spec and convert again")
+
+
+def open_readers(data: str | Path, sources: Sequence[str], max_open_files: int = DEFAULT_MAX_OPEN_FILES,
+                 verify_checksums: bool = True) -> list[SourceReader]:
     """Open converted sources sharing one bounded file pool (per process, also after pickling)."""
     pool = FilePool(max_open_files)
-    return [open_source(data, name, pool=pool) for name in sources]
+    return [open_source(data, name, pool=pool, verify_checksums=verify_checksums) for name in sources]

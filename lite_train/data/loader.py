@@ -30,8 +30,11 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 import math
 import os
+import warnings
+import weakref
 from typing import Iterator, Sequence, TypedDict
 
 import numpy as np
@@ -42,7 +45,8 @@ from lite_train.data.decode import compile_resize, decode_resize_into
 from lite_train.data.episode_description import EpisodeDescriptionConfig
 from lite_train.data.episodes import EpisodePlan, EpisodePlanner, open_readers
 from manifests import SourceReader
-from manifests.reader import DEFAULT_MAX_OPEN_FILES
+from manifests.reader import DEFAULT_MAX_OPEN_FILES, ChecksumError
+from manifests.schema import SOURCE_FILE
 
 
 class Episode(TypedDict):
@@ -69,6 +73,9 @@ class EpisodeLoaderConfig:
     image_size: int = 84
     order: str = "md"  # per-pass image order: "md" | "uniform" (docs/fidelity.md)
     use_hierarchy: bool = True  # ImageNet DAG / Omniglot alphabets where the spec has them
+    # Class-split view: "md-v1" = each source's own spec (MD's); "md-v2" = LITE's training view (ImageNet flat,
+    # all 1000 classes train; MNIST train). Not "md-v2" by default: it changes ImageNet's classes silently.
+    view: str = "md-v1"
     num_episodes: int | None = None  # None = infinite
     start: int = 0  # first episode index (resume)
     num_workers: int = 2
@@ -79,6 +86,21 @@ class EpisodeLoaderConfig:
     tasks_in_flight: int = 8
     max_open_files: int = DEFAULT_MAX_OPEN_FILES  # shard descriptors per process, over all sources
     dct_scale: bool = False  # fast, not TF-identical decoding (docs/fidelity.md)
+    # Check every image's bytes against the manifest's crc32 before decoding (ChecksumError names source,
+    # shard, key and row). Off only to measure its cost (BENCHMARKS.md).
+    verify_checksums: bool = True
+    # Worker start method: None = the platform default (fork on Linux); "spawn" / "forkserver" where forking
+    # is unavailable or unsafe (macOS, some clusters). Workers then re-open the sources themselves.
+    multiprocessing_context: str | None = None
+    # Data-parallel training: this process yields the global episodes i with i % world_size == rank, so the
+    # stream of episodes (and what each optimizer step sees) is the same for any number of processes.
+    rank: int = 0
+    world_size: int = 1
+
+
+# The fields that decide the content of the episode stream: a resumed loader must agree on all of them.
+_STREAM_FIELDS = ("sources", "split", "seed", "image_size", "order", "use_hierarchy", "view", "num_episodes",
+                  "dct_scale")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +114,16 @@ class DecodeTask:
     start: int
 
 
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    """Warn about a fallback once per process (it would otherwise repeat for every episode)."""
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
 def _shared_empty(shape: tuple[int, ...]) -> torch.Tensor:
     """An uninitialised float32 tensor in shared memory whose pages are committed only when first written.
 
@@ -100,7 +132,11 @@ def _shared_empty(shape: tuple[int, ...]) -> torch.Tensor:
     it. An anonymous memfd is sparse; workers receive it like any torch shared storage (by descriptor).
     """
     nbytes = math.prod(shape) * 4
-    if nbytes == 0 or not hasattr(os, "memfd_create") or not hasattr(torch.UntypedStorage, "_new_shared_fd_cpu"):
+    if nbytes == 0:
+        return torch.empty(shape).share_memory_()
+    if not hasattr(os, "memfd_create") or not hasattr(torch.UntypedStorage, "_new_shared_fd_cpu"):
+        _warn_once("memfd", "lite-train loader: no os.memfd_create or torch.UntypedStorage._new_shared_fd_cpu "
+                            "here; episode buffers commit their whole size up front (share_memory_)")
         return torch.empty(shape).share_memory_()
     fd = os.memfd_create("lite-train-episode", os.MFD_CLOEXEC)
     try:
@@ -114,7 +150,11 @@ def _shared_empty(shape: tuple[int, ...]) -> torch.Tensor:
 def _storage_users(tensor: torch.Tensor) -> int | None:
     """How many tensors (views included) share `tensor`'s storage, or None where torch cannot tell."""
     use_count = getattr(torch._C, "_storage_Use_Count", None)
-    return None if use_count is None else use_count(tensor.untyped_storage()._cdata)
+    if use_count is None:
+        _warn_once("use_count", "lite-train loader: this torch has no torch._C._storage_Use_Count; episode "
+                                "buffers cannot be recycled, every episode gets fresh memory")
+        return None
+    return use_count(tensor.untyped_storage()._cdata)
 
 
 class _BufferPool:
@@ -153,14 +193,19 @@ class _BufferPool:
         self.buffers.append((buf, _storage_users(buf)))
         return buf
 
+    def clear(self) -> None:
+        """Drop every buffer (one still referenced by an episode lives on as long as that episode)."""
+        self.buffers.clear()
+
 
 class _TaskSampler(Sampler):
-    """Main process: turns each plan into image views + decode tasks; remembers the pending episodes."""
+    """Main process, one per iteration: turns each plan into image views + decode tasks; remembers that
+    iteration's pending episodes (so two live iterations over one loader never share them)."""
 
-    def __init__(self, planner: EpisodePlanner, image_size: int, images_per_task: int, shared: bool,
-                 max_buffers: int):
-        self.planner, self.images_per_task = planner, images_per_task
-        self.pool = _BufferPool((3, image_size, image_size), shared, max_buffers)
+    def __init__(self, planner: EpisodePlanner, pool: _BufferPool, images_per_task: int, rank: int = 0,
+                 world_size: int = 1):
+        self.planner, self.pool, self.images_per_task = planner, pool, images_per_task
+        self.rank, self.world_size = rank, world_size
         # episode index -> [plan, support images, query images, tasks not yet done]
         self.pending: dict[int, list] = {}
 
@@ -168,6 +213,8 @@ class _TaskSampler(Sampler):
         self.pending.clear()
         step = self.images_per_task
         for plan in self.planner:
+            if plan.index % self.world_size != self.rank:  # another process's episode (planning is cheap)
+                continue
             n, m = len(plan.support), len(plan.query)
             buf = self.pool.take(n + m)  # (capacity, 3, H, W)
             tasks = [DecodeTask(plan.index, plan.source_index, samples[i:i + step], buf, first + i)
@@ -194,6 +241,8 @@ class _DecodeDataset(Dataset):
         for row, sample in enumerate(task.samples.tolist(), start=task.start):
             try:
                 decode_resize_into(reader.read(sample), out[row], self.image_size, dct_scale=self.dct_scale)
+            except ChecksumError:
+                raise  # already names source, shard, key and row
             except ValueError as e:
                 raise ValueError(f"{reader.locate(sample)}: {e}") from None
         if self.keep_mapped and get_worker_info() is not None:  # in-process, holding would block reuse
@@ -224,6 +273,11 @@ class EpisodeLoader:
     """Iterable of Episodes (see `Episode`), identical for any `num_workers`; each iteration restarts at
     `cfg.start`.
 
+    Every iteration has its own workers and pending episodes, so several may be live at once (a trainer's
+    training iterator while validation iterates). Shared episode memory is held only while an iteration is
+    live: when the last one ends (exhausted, `break`, garbage-collected) or on `close()` / `with` exit, the
+    loader drops its buffers; episodes the consumer still holds stay valid.
+
     Args:
         cfg: the loader config.
         description: the episode description law (MD's defaults: variable way and shot).
@@ -233,35 +287,127 @@ class EpisodeLoader:
                  description: EpisodeDescriptionConfig = EpisodeDescriptionConfig()):
         if cfg.images_per_task < 1 or cfg.tasks_in_flight < 1:
             raise ValueError("images_per_task and tasks_in_flight must be positive")
-        self.cfg = cfg
-        self.readers = open_readers(cfg.data, cfg.sources, cfg.max_open_files)
+        if not 0 <= cfg.rank < cfg.world_size:
+            raise ValueError(f"rank {cfg.rank} is not in [0, world_size={cfg.world_size})")
+        self.cfg, self.description = cfg, description
+        self._next = cfg.start  # global index the stream continues at (see state_dict)
+        self.readers = open_readers(cfg.data, cfg.sources, cfg.max_open_files,
+                                    verify_checksums=cfg.verify_checksums)
+        if cfg.verify_checksums:  # load the crc32 columns here: forked workers share them copy-on-write
+            for reader in self.readers:
+                reader.checksums
         self.planner = EpisodePlanner(self.readers, cfg.split, cfg.seed, description, order=cfg.order,
                                       num_episodes=cfg.num_episodes, start=cfg.start,
-                                      use_hierarchy=cfg.use_hierarchy)
+                                      use_hierarchy=cfg.use_hierarchy, view=cfg.view)
         workers = cfg.num_workers
         compile_resize()  # here, so that forked workers inherit the compiled kernel
         # Buffers in use at once: one per episode with tasks in flight, the one being assembled, the one
         # the consumer holds.
         buffers = cfg.tasks_in_flight + 2
-        self._sampler = _TaskSampler(self.planner, cfg.image_size, cfg.images_per_task, shared=workers > 0,
-                                     max_buffers=buffers)
-        self._loader = DataLoader(
-            _DecodeDataset(self.readers, cfg.image_size, cfg.dct_scale, keep_mapped=buffers), sampler=self._sampler,
-            batch_size=None, num_workers=workers, worker_init_fn=_worker_init if workers else None,
-            prefetch_factor=max(1, math.ceil(cfg.tasks_in_flight / workers)) if workers else None)
+        self._pool = _BufferPool((3, cfg.image_size, cfg.image_size), workers > 0, buffers)
+        self._dataset = _DecodeDataset(self.readers, cfg.image_size, cfg.dct_scale, keep_mapped=buffers)
         self._pin = cfg.pin_memory and torch.cuda.is_available()
+        self._live: weakref.WeakSet = weakref.WeakSet()  # iterations started and not yet ended
+        self._closed = False
+
+    def _data_loader(self, sampler: _TaskSampler) -> DataLoader:
+        workers = self.cfg.num_workers
+        return DataLoader(
+            self._dataset, sampler=sampler, batch_size=None, num_workers=workers,
+            worker_init_fn=_worker_init if workers else None,
+            multiprocessing_context=self.cfg.multiprocessing_context if workers else None,
+            prefetch_factor=max(1, math.ceil(self.cfg.tasks_in_flight / workers)) if workers else None)
 
     def __len__(self) -> int:
-        return len(self.planner)
+        total = len(self.planner)  # episodes from start on, over all ranks
+        first = self.planner.start + (self.cfg.rank - self.planner.start) % self.cfg.world_size
+        return max(0, -(-(self.planner.start + total - first) // self.cfg.world_size))
+
+    def state_dict(self) -> dict:
+        """Where the stream stands, for a bit-exact resume: the stream-deciding config (the fields in
+        `_STREAM_FIELDS` and the description law), the next global episode index after the episodes
+        yielded so far (rounded up to the next round of `world_size` episodes), and each source's
+        fingerprint. Plain Python values only."""
+        return {"config": {k: _plain(getattr(self.cfg, k)) for k in _STREAM_FIELDS},
+                "description": _plain(dataclasses.asdict(self.description)),
+                "next_episode": self._next,
+                "fingerprints": {r.name: source_fingerprint(r) for r in self.readers}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue the stream at `state["next_episode"]` (the next iteration starts there).
+
+        Raises:
+            ValueError: the saved stream config, description law or a source's fingerprint differs from
+                this loader's (names what differs): the resumed run would see other episodes.
+        """
+        mine = self.state_dict()
+        for key in ("config", "description", "fingerprints"):
+            if state.get(key) != mine[key]:
+                diff = sorted(k for k in set(mine[key]) | set(state.get(key) or {})
+                              if (state.get(key) or {}).get(k) != mine[key].get(k))
+                raise ValueError(f"saved loader state differs from this loader in {key}: {', '.join(diff)}")
+        self._next = self.planner.start = int(state["next_episode"])
 
     def __iter__(self) -> Iterator[Episode]:
-        pending = self._sampler.pending
-        for episode_index in self._loader:  # acknowledgements, in task order
-            entry = pending[int(episode_index)]
-            entry[3] -= 1
-            if entry[3] == 0:
-                plan, support, query, _ = pending.pop(int(episode_index))
-                yield _episode(plan, support, query, self._pin)
+        if self._closed:
+            raise RuntimeError("this EpisodeLoader is closed")
+        iteration = self._iterate()
+        self._live.add(iteration)
+        return iteration
+
+    def _iterate(self) -> Iterator[Episode]:
+        sampler = _TaskSampler(self.planner, self._pool, self.cfg.images_per_task, self.cfg.rank,
+                               self.cfg.world_size)
+        pending = sampler.pending
+        acks = iter(self._data_loader(sampler))
+        try:
+            for episode_index in acks:  # acknowledgements, in task order
+                entry = pending[int(episode_index)]
+                entry[3] -= 1
+                if entry[3] == 0:
+                    plan, support, query, _ = pending.pop(int(episode_index))
+                    self._next = (plan.index // self.cfg.world_size + 1) * self.cfg.world_size
+                    yield _episode(plan, support, query, self._pin)
+        finally:
+            # Stop this iteration's workers now rather than when the iterator is collected, then give the
+            # shared memory back once no other iteration is live.
+            shutdown = getattr(acks, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+            pending.clear()
+            del acks, sampler, pending
+            if not any(it.gi_suspended for it in list(self._live)):  # started, not ended (not this one)
+                self._pool.clear()
+
+    def close(self) -> None:
+        """End every live iteration (their workers stop), drop the shared episode memory and close the
+        shard descriptors. Episodes already yielded stay valid; iterating again raises RuntimeError."""
+        self._closed = True
+        for iteration in list(self._live):
+            iteration.close()
+        self._pool.clear()
+        for reader in self.readers:
+            reader.close()
+
+    def __enter__(self) -> "EpisodeLoader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _plain(value):
+    """JSON-like form of a config value (tuples as lists), so saved and live states compare equal."""
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def source_fingerprint(reader: SourceReader) -> str:
+    """sha256 of a source's `source.json` (shard names, sizes, counts, spec): changes if the data does."""
+    return hashlib.sha256((reader.path / SOURCE_FILE).read_bytes()).hexdigest()
 
 
 def make_episode_loader(cfg: EpisodeLoaderConfig,

@@ -1,6 +1,6 @@
 """Fixtures: tiny Meta-Dataset records folders written by TensorFlow's own writer, in MD's exact layout.
 
-Specs are the real ones in shared/data/md_specs with images_per_class shrunk to 1-3 (every class id
+Specs are the real ones shipped in manifests/md_specs with images_per_class shrunk to 1-3 (every class id
 kept, so ImageNet's graphs stay valid; internal-node counts are recomputed as sums over their leaves).
 """
 
@@ -18,7 +18,7 @@ from PIL import Image
 
 from convert.demo_data import write_md_records
 
-from tests.shared_specs import SPECS_DIR
+from manifests.md_spec import SHIPPED_SPECS_DIR as SPECS_DIR  # MD's specs, shipped in manifests/md_specs/
 
 SPECS = SPECS_DIR
 

@@ -37,7 +37,7 @@ def _flip(path: Path, offset: int) -> None:
 
 
 def _record_payloads(path: Path) -> list[bytes]:
-    return list(iter_records(path))
+    return [bytes(p) for p in iter_records(path)]  # iter_records yields views into one buffer
 
 
 @pytest.mark.parametrize("offset,message", [(3, "record 0 (byte 0): length CRC mismatch"),
@@ -149,12 +149,17 @@ def test_verify_records_names_the_first_difference(tiny, tmp_path, change, messa
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and message in errors[0], result.stderr
     if "bytes differ" in message:
-        assert errors[0].endswith("tiny/tiny-000000.tar: sample c00001_0000001")
+        assert "tiny/tiny-000000.tar: sample c00001_0000001" in errors[0]
 
 
-def test_verify_records_skips_sources_without_records(tiny, tmp_path):
+def test_verify_records_fails_when_the_records_root_is_missing_or_holds_none_of_the_sources(tiny, tmp_path):
     out = tmp_path / "out"
     assert _run_md(tiny, out).exit_code == 0
-    result = runner.invoke(app, ["verify", str(out), "--records", str(tmp_path / "elsewhere")])
-    assert result.exit_code == 0
-    assert "not compared md/tiny" in result.stdout
+    missing = runner.invoke(app, ["verify", str(out), "--records", str(tmp_path / "elsewhere")])
+    assert missing.exit_code == 1 and "elsewhere: records root is not a directory" in missing.stderr
+    (tmp_path / "other" / "someset").mkdir(parents=True)
+    (tmp_path / "other" / "someset" / "dataset_spec.json").write_text("{}")
+    unrelated = runner.invoke(app, ["verify", str(out), "--records", str(tmp_path / "other")])
+    assert unrelated.exit_code == 1, unrelated.output
+    assert "not compared md/tiny" in unrelated.stdout
+    assert "holds none of the converted md/ sources" in unrelated.stderr

@@ -11,9 +11,9 @@ import pytest
 
 from convert.md import ConvertConfig, convert_planned, plan_datasets
 from manifests import open_source, verify_source
-from manifests.md_spec import load_md_spec, md_v2_view
+from manifests.md_spec import load_md_spec, md_v2_view, parse_md_spec, spec_view
 
-from tests.shared_specs import SPECS_DIR
+from manifests.md_spec import SHIPPED_SPECS_DIR as SPECS_DIR  # MD's specs, shipped in manifests/md_specs/
 
 SPECS = SPECS_DIR
 
@@ -79,7 +79,7 @@ def test_manifests_read_with_pyarrow_and_pandas(md_records, converted):
     info = json.loads((src / "source.json").read_text())
     assert info["dataset_spec"] == json.loads((md_records["root"] / "omniglot" / "dataset_spec.json").read_text())
     assert info["benchmark"] == "md-v1" and info["converter_version"]
-    assert set(info["extra"]) == {"fingerprint", "convert_config"}
+    assert set(info["extra"]) == {"fingerprint", "convert_config", "staging_plan", "manifest_bytes"}
     assert info["extra"]["convert_config"]["max_shard_samples"] == 40
 
 
@@ -106,17 +106,21 @@ def test_dataset_spec_is_kept_verbatim_and_v1_splits_follow_it(md_records, conve
     assert classes.split.value_counts().to_dict() == {"train": 712, "valid": 158, "test": 130}
 
 
-def test_md_v2_view_makes_all_1000_imagenet_classes_train(md_records, tmp_path):
-    results = _convert(md_records["root"], tmp_path, datasets=("ilsvrc_2012",), benchmark="md-v2")
-    assert results[0].classes == 1000
-    src = tmp_path / "md" / "ilsvrc_2012"
+def test_md_v2_view_is_chosen_when_reading_not_baked_into_the_shards(md_records, converted):
+    out, _ = converted
+    with pytest.raises(TypeError):  # no --benchmark: the view is not part of the conversion
+        ConvertConfig(records=str(md_records["root"]), out=str(out), benchmark="md-v2")
+    src = out / "md" / "ilsvrc_2012"
     info = json.loads((src / "source.json").read_text())
-    original = json.loads((md_records["root"] / "ilsvrc_2012" / "dataset_spec.json").read_text())
-    assert info["dataset_spec"] == original
-    assert info["sampling_spec"] == md_v2_view(load_md_spec(md_records["root"] / "ilsvrc_2012" / "dataset_spec.json"))
-    assert info["sampling_spec"]["classes_per_split"] == {"TRAIN": 1000, "VALID": 0, "TEST": 0}
-    assert info["classes_per_split"] == {"train": 1000, "valid": 0, "test": 0} and info["benchmark"] == "md-v2"
-    assert set(pd.read_parquet(src / "classes.parquet").split) == {"train"}
+    assert "benchmark" not in info["extra"]["fingerprint"] and info["benchmark"] == "md-v1"
+    original = load_md_spec(md_records["root"] / "ilsvrc_2012" / "dataset_spec.json")
+    stored = parse_md_spec(info["sampling_spec"], "stored")
+    v2 = spec_view(stored, "md-v2")  # LITE's flat ImageNet: all 1000 classes train, v1 ids and counts
+    assert v2.raw == md_v2_view(original) and v2.classes_per_split == {"train": 1000, "valid": 0, "test": 0}
+    assert v2.images_per_class == original.images_per_class and v2.class_names == original.class_names
+    assert spec_view(stored, "md-v1") == original
+    omniglot = parse_md_spec(json.loads((out / "md" / "omniglot" / "source.json").read_text())["sampling_spec"], "x")
+    assert spec_view(omniglot, "md-v2") == omniglot  # MD-v2 re-splits only ImageNet and MNIST
 
 
 def test_complete_source_with_same_fingerprint_is_up_to_date(md_records, converted):

@@ -15,14 +15,34 @@ from typer.testing import CliRunner
 
 from convert.cli import app
 from convert.demo_data import write_idx
-from convert.mnist import encode_digit, md_file_order, mnist_md_spec
+from convert.mnist import md_file_order, mnist_md_spec
 from manifests import open_source
-from manifests.md_spec import md_v2_view, parse_md_spec
+from manifests.md_spec import md_v2_view, parse_md_spec, spec_view
 
-from tests.shared_specs import SPECS_DIR
+from manifests.md_spec import SHIPPED_SPECS_DIR as SPECS_DIR  # MD's specs, shipped in manifests/md_specs/
 
 runner = CliRunner()
 LITE_MNIST = SPECS_DIR / "lite_v2_mnist_dataset_spec.json"
+
+
+def _reference_rgb(digit: np.ndarray) -> Image.Image:
+    """CNAPs/LITE `prepare_extra_datasets.py` `process_mnist`, written here from the reference, not from
+    convert/mnist.py: `Image.fromarray(image).convert('RGB').resize((84, 84), resample=Image.LANCZOS)`, saved
+    as `image_<i>.png`; returned as MD's writer reads that PNG file back."""
+    im = Image.fromarray(digit).convert("RGB").resize((84, 84), resample=Image.LANCZOS)
+    png = io.BytesIO()
+    im.save(png, format="PNG")
+    return Image.open(io.BytesIO(png.getvalue()))
+
+
+def _reference_record(digit: np.ndarray) -> bytes:
+    """The image bytes of MD's record: `load_and_process_image` re-encodes a non-JPEG file with
+    `img.save(buf, format='JPEG')`, i.e. Pillow's defaults."""
+    img = _reference_rgb(digit)
+    assert img.format == "PNG" and img.mode == "RGB"  # not a JPEG: MD's writer re-encodes it
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG")
+    return buf.getvalue()
 
 
 @pytest.fixture
@@ -48,29 +68,30 @@ def test_generated_spec_train_view_equals_lite_v2_mnist_modulo_path():
     assert list(view) == list(lite)  # MD's key order too
 
 
-@pytest.mark.parametrize("split,lossless", [("train", False), ("test", True)])
-def test_conversion_follows_md_order_encoding_and_view(idx, tmp_path, split, lossless):
+@pytest.mark.parametrize("view,split,lossless", [("md-v2", "train", False), ("md-v1", "test", True)])
+def test_conversion_follows_md_order_encoding_and_view(idx, tmp_path, view, split, lossless):
     idx_dir, images, labels = idx
-    args = ["mnist", "--idx-dir", str(idx_dir), "--out", str(tmp_path / "out"), "--split", split]
+    args = ["mnist", "--idx-dir", str(idx_dir), "--out", str(tmp_path / "out")]
     result = runner.invoke(app, args + (["--lossless"] if lossless else []))
     assert result.exit_code == 0, result.output
     with open_source(tmp_path / "out", "mnist") as reader:
         info = reader.info
-        assert info.classes_per_split[split] == 10 and info.benchmark == ("md-v2" if split == "train" else "md-v1")
+        assert info.classes_per_split["test"] == 10 and info.benchmark == "md-v1"  # the source's own split
         assert info.dataset_spec["classes_per_split"] == {"TRAIN": 0, "VALID": 0, "TEST": 10}
-        assert info.sampling_spec["classes_per_split"]["TRAIN" if split == "train" else "TEST"] == 10
+        # The view is chosen when reading: a function of the stored spec.
+        assert spec_view(parse_md_spec(info.sampling_spec, "stored"), view).classes_per_split[split] == 10
         for c in range(10):
             rows = np.flatnonzero(labels == c)
             first, count = reader.class_range(c)
             assert count == len(rows)
             for index, i in enumerate(md_file_order(len(rows))):
                 data = reader.read(first + index)
-                assert data == encode_digit(images[rows[i]], lossless)
-        sample = Image.open(io.BytesIO(reader.read(0)))
-        assert sample.size == (84, 84) and sample.mode == "RGB" and sample.format == ("PNG" if lossless else "JPEG")
-        if lossless:
-            expected = Image.fromarray(images[np.flatnonzero(labels == 0)[0]]).resize((84, 84), Image.LANCZOS)
-            assert np.array_equal(np.asarray(sample)[..., 0], np.asarray(expected))
+                if lossless:  # PNG bytes depend on zlib settings: compare pixels with the reference's PNG file
+                    stored = Image.open(io.BytesIO(data))
+                    assert stored.format == "PNG" and stored.mode == "RGB"
+                    assert np.array_equal(np.asarray(stored), np.asarray(_reference_rgb(images[rows[i]])))
+                else:
+                    assert data == _reference_record(images[rows[i]])
     again = runner.invoke(app, args + (["--lossless"] if lossless else []))
     assert "up to date" in again.stdout
 

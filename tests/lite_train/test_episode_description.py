@@ -19,8 +19,10 @@ from lite_train.data.episode_description import (
 )
 from manifests.md_spec import load_md_spec, parse_md_spec
 
-from tests.shared_specs import SPECS_DIR  # MD's shipped specs, in shared/ beside the repository
-GOLDEN = pathlib.Path(__file__).parent / "golden" / "episode_descriptions.json"
+from manifests.md_spec import SHIPPED_SPECS_DIR as SPECS_DIR  # MD's specs, shipped in manifests/md_specs/
+# Descriptions from MD's own sampling.py (golden/md_sampler/README.md), never from this code.
+GOLDEN = pathlib.Path(__file__).parent / "golden" / "md_sampler"
+GOLDEN_SEEDS = (0, 1)
 
 N_EPISODES = 10_000
 N_REFERENCE = 20_000  # episodes behind each row of the §4.12 table
@@ -273,12 +275,41 @@ def test_same_seed_gives_same_descriptions_and_other_seed_differs():
     assert json.loads(json.dumps(a)) == a
 
 
-def golden_cases():
-    return json.loads(GOLDEN.read_text())["cases"]
+@functools.lru_cache(maxsize=None)
+def golden(seed: int) -> dict:
+    return json.loads((GOLDEN / f"seed{seed}.json").read_text())
 
 
-@pytest.mark.parametrize("case", golden_cases(), ids=lambda c: c["id"])
-def test_descriptions_match_checked_in_golden_file(case):
-    got = list(describe(spec(case["source"]), case["split"], case["seed"], len(case["descriptions"]),
-                        ignore_hierarchy=case["ignore_hierarchy"]))
-    assert got == case["descriptions"]
+def golden_ids() -> list[str]:
+    keys = sorted(set(golden(0)) | set(golden(1)))
+    return [f"{key}/seed{seed}" for key in keys for seed in GOLDEN_SEEDS]
+
+
+def test_golden_covers_every_dataset_split_with_five_classes_for_both_seeds():
+    expected = {f"{path.name.removesuffix('_dataset_spec.json')}/{split.upper()}"
+                for path in SPECS_DIR.glob("*_dataset_spec.json") if not path.name.startswith("lite_v2")
+                for split, n in load_md_spec(path).classes_per_split.items() if n >= 5}
+    assert set(golden(0)) == set(golden(1)) == expected
+    assert all(len(v) == 60 for seed in GOLDEN_SEEDS for v in golden(seed).values())
+
+
+@pytest.mark.parametrize("case", golden_ids())
+def test_descriptions_equal_md_sampling_py_golden(case):
+    name, split, seed = case.split("/")
+    expected = golden(int(seed.removeprefix("seed")))[f"{name}/{split}"]
+    got = list(describe(spec(name), split.lower(), int(seed.removeprefix("seed")), len(expected),
+                        ignore_hierarchy=False))
+    assert got == expected
+
+
+def test_describe_cli_on_a_shipped_spec_prints_md_golden_descriptions():
+    from typer.testing import CliRunner
+
+    from lite_train.cli import app
+
+    result = CliRunner().invoke(app, ["describe", "--dataset", "omniglot", "--split", "test", "--seed", "1",
+                                      "--count", "5"])
+    assert result.exit_code == 0, result.output
+    assert [json.loads(line) for line in result.stdout.splitlines()] == golden(1)["omniglot/TEST"][:5]
+    result = CliRunner().invoke(app, ["describe", "--dataset", "no_such_dataset"])
+    assert result.exit_code == 1 and "no shipped dataset spec named 'no_such_dataset'" in result.output

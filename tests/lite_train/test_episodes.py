@@ -5,28 +5,40 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from lite_train.data.episode_description import EpisodeDescriptionConfig, EpisodeDescriptionSampler, sampler_rngs
-from lite_train.data.episodes import EpisodePlanner, open_readers, sampling_spec
+from lite_train.data.episode_description import EpisodeDescriptionConfig
+from lite_train.data.episodes import EpisodePlanner, open_readers
 from lite_train.data.loader import EpisodeLoaderConfig, make_episode_loader
+from manifests.md_spec import shipped_spec_path
 
-from tests.lite_train.tiny_sources import class_colour
+from tests.lite_train.tiny_sources import class_colour, write_converted
+
+GOLDEN = Path(__file__).parent / "golden" / "md_sampler"  # from MD's own sampling.py (its README)
 
 
 def plans(converted, sources=("toyflat",), split="train", seed=0, n=30, **kw):
     return list(EpisodePlanner(open_readers(converted, sources), split, seed, num_episodes=n, **kw))
 
 
-def test_descriptions_are_md_sampler_descriptions(converted):
-    got = plans(converted, ("toyglyphs",), "test", seed=7, n=20)
-    reader = open_readers(converted, ["toyglyphs"])[0]
-    sampler = EpisodeDescriptionSampler(sampling_spec(reader), "test", EpisodeDescriptionConfig(),
-                                        sampler_rngs(7, 1)[0])
-    assert [p.description for p in got] == [sampler.sample() for _ in range(20)]
+@pytest.fixture(scope="module")
+def converted_dtd(tmp_path_factory) -> Path:
+    """MD's real dtd spec (47 classes of 120 images) converted with tiny synthetic images."""
+    root = tmp_path_factory.mktemp("dtd")
+    write_converted(root, json.loads(shipped_spec_path("dtd").read_text()), max_shard_samples=2000)
+    return root
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("split", ["train", "valid", "test"])
+def test_planned_descriptions_equal_md_sampling_py_golden(converted_dtd, split, seed):
+    expected = json.loads((GOLDEN / f"seed{seed}.json").read_text())[f"dtd/{split.upper()}"]
+    got = plans(converted_dtd, ("dtd",), split, seed=seed, n=len(expected))
+    assert [[list(entry) for entry in p.description] for p in got] == expected
 
 
 def test_every_image_of_an_episode_is_distinct_and_from_its_class(converted):
@@ -49,18 +61,26 @@ def test_support_is_grouped_by_class_in_description_order(converted):
 
 
 def test_consecutive_episodes_draw_disjoint_images_of_a_class_until_its_pass_ends(converted):
+    """Replays MD's per-class cursor: a class's request of `need` = shots + query images that does not fit in
+    what is left of its pass starts a new pass; inside one pass no image may come twice."""
+    cursor: dict[int, int] = {}
     used: dict[int, set] = {}
+    new_passes = 0
     reader = open_readers(converted, ["toyflat"])[0]
     for plan in plans(converted, n=60, seed=3):
         for label, class_id in enumerate(plan.class_ids.tolist()):
-            picked = set(plan.support[plan.support_labels == label].tolist()) | \
-                set(plan.query[plan.query_labels == label].tolist())
-            seen = used.setdefault(class_id, set())
+            picked = plan.support[plan.support_labels == label].tolist() + \
+                plan.query[plan.query_labels == label].tolist()
             _, count = reader.class_range(class_id)
-            if len(seen) + len(picked) <= count and not (seen & picked):
-                seen |= picked
-            else:  # a new pass began (flush): start counting again
-                used[class_id] = picked
+            if class_id not in cursor:  # first request: the first pass starts
+                cursor[class_id], used[class_id] = 0, set()
+            elif len(picked) > count - cursor[class_id]:  # MD's flush: the rest of the pass is dropped
+                cursor[class_id], used[class_id] = 0, set()
+                new_passes += 1
+            assert not used[class_id] & set(picked), (plan.index, class_id)
+            used[class_id] |= set(picked)
+            cursor[class_id] += len(picked)
+    assert new_passes >= 10  # the premise: many classes ran out of their first pass
 
 
 def test_the_same_seed_gives_the_same_plans_and_another_seed_does_not(converted):

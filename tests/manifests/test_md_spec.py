@@ -10,7 +10,7 @@ import pytest
 
 from manifests.md_spec import SPLITS, MDSpec, load_md_spec, md_v2_view, parse_md_spec
 
-from tests.shared_specs import SPECS_DIR  # MD's shipped specs, in shared/ beside the repository
+from manifests.md_spec import SHIPPED_SPECS_DIR as SPECS_DIR  # MD's specs, shipped in manifests/md_specs/
 SPEC_FILES = sorted(SPECS_DIR.glob("*_dataset_spec.json"))
 
 # (name in file, kind, classes train/valid/test, total images) -- from MD's shipped specs (§2).

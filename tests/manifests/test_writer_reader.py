@@ -224,7 +224,7 @@ def test_open_source_finds_sources_and_explains_missing_ones(tmp_path):
 def test_source_json_with_an_unknown_format_version_is_refused(tmp_path):
     write_source(tmp_path, COUNTS)
     path = tmp_path / "md" / "toy" / schema.SOURCE_FILE
-    path.write_text(path.read_text().replace('"format_version": 1', '"format_version": 99'))
+    path.write_text(path.read_text().replace(f'"format_version": {schema.FORMAT_VERSION}', '"format_version": 99'))
     with pytest.raises(ManifestError, match="format version 99"):
         SourceReader(tmp_path / "md" / "toy")
 
@@ -236,3 +236,64 @@ def test_keys_and_names_follow_the_webdataset_rules():
             schema.check_key(bad)
     with pytest.raises(ValueError):
         schema.check_name("source", "Bad-Name")
+
+
+def test_tar_headers_are_byte_identical_to_tarfiles():
+    from manifests.writer import _tar_header, _tarfile_header
+
+    rng = np.random.RandomState(0)
+    names = ["a", "c00001_0000001.cls", "x" * 100] + ["k" * int(rng.randint(1, 101)) for _ in range(50)]
+    for name in names:
+        for size in (0, 1, 511, 512, 10**6, 8**11 - 1, int(rng.randint(0, 2**31))):
+            assert _tar_header(name, size) == _tarfile_header(name, size), (name, size)
+
+
+@pytest.mark.parametrize("class_bytes,class_samples,max_samples,max_bytes,runs", [
+    ([10, 10, 10, 10], [1, 1, 1, 1], 100, 25, ((0, 2), (2, 4))),  # by bytes: a run never exceeds the limit
+    ([10, 10, 10, 10], [3, 3, 3, 3], 7, 10**9, ((0, 2), (2, 4))),  # by samples
+    ([5, 50, 5, 5], [1, 1, 1, 1], 100, 20, ((0, 1), (1, 2), (2, 4))),  # a class over the limit: a run of its own
+    ([], [], 10, 10, ((0, 0),)),
+])
+def test_runs_are_a_pure_function_of_the_input_and_the_shard_limits(class_bytes, class_samples, max_samples,
+                                                                     max_bytes, runs):
+    from manifests.writer import plan_runs
+
+    assert plan_runs(class_bytes, class_samples, max_samples, max_bytes) == runs
+
+
+def test_writing_and_verifying_hold_one_batch_of_the_sample_manifest_at_a_time(tmp_path, monkeypatch):
+    """Neither the writer (Arrow memory) nor verify (Python objects) holds every sample's row at once."""
+    import tracemalloc
+
+    import pyarrow as pa
+
+    import manifests.verify as verify_module
+
+    samples, per_shard = 20_000, 500
+    writer = SourceWriter(tmp_path, "md", "many", fingerprint={}, max_shard_samples=per_shard)
+    for i in range(samples):
+        writer.add(0, i, b"\xff\xd8\xff", "jpg")
+    pool = pa.proxy_memory_pool(pa.default_memory_pool())
+    previous = pa.default_memory_pool()
+    pa.set_memory_pool(pool)
+    try:
+        writer.finish([ClassRecord(0, "a", "train", None, samples)], INFO)
+    finally:
+        pa.set_memory_pool(previous)
+    # The whole sample table in Arrow is > 40 bytes per row; one part is `per_shard` rows.
+    assert pool.max_memory() < 40 * samples / 4, pool.max_memory()
+    monkeypatch.setattr(verify_module, "_BATCH_ROWS", 1000)
+
+    def peak_of(fn) -> int:
+        tracemalloc.start()
+        try:
+            fn()
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    opening = peak_of(lambda: SourceReader(tmp_path / "md" / "many").close())  # the reader's own checks
+    peak = peak_of(lambda: verify_source(tmp_path / "md" / "many"))
+    # Keys and formats as Python strings would take > 100 bytes per sample; verify's NumPy columns take 8,
+    # plus its constant 1 MiB read buffer.
+    assert peak < opening + (1 << 20) + 20 * samples, (peak, opening)
