@@ -1,4 +1,11 @@
-"""`make bench`: every benchmark in its own process, their Markdown tables + the machine into BENCHMARKS.md.
+"""`make bench`: every benchmark module in its own process, their Markdown tables + the machine into BENCHMARKS.md.
+
+The modules are listed once, in `BENCHES`. Each is run as `python -m <module> [args] --out <table.md>` and
+must write its Markdown there. A module that is not in the tree yet gets a "not run: ..." section (so the
+gap shows in BENCHMARKS.md); a module that fails or writes no table gets a "FAILED: ..." section, the other
+sections are still written, and the run exits 1. `--quick` runs every module with its tiny smoke-test
+arguments (seconds each, numbers meaningless) and writes bench-out/BENCHMARKS.quick.md unless `--out` says
+otherwise.
 
 Each benchmark measures its references in the same run (plain file copy for the converter, TensorFlow's
 own decode + resize for the decoder and the loader), so the ratios are comparable even when the absolute
@@ -8,8 +15,10 @@ numbers move with the machine.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import importlib.metadata
+import importlib.util
 import os
 import platform
 import subprocess
@@ -17,10 +26,29 @@ import sys
 import tempfile
 from pathlib import Path
 
+__all__ = ["Bench", "BENCHES", "main"]
+
+_REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class Bench:
+    """One section of BENCHMARKS.md."""
+
+    title: str  # section heading
+    module: str  # run as `python -m module ... --out FILE`
+    args: tuple[str, ...] = ()  # arguments of the full run (`make bench`)
+    quick_args: tuple[str, ...] = ("--quick",)  # arguments of `--quick` (a smoke test of the module's rows)
+
+
 BENCHES = (
-    ("Converter: `lite-convert md` vs a plain copy of the same records", "benchmarks.convert_bench", []),
-    ("Decode + resize per image: lite_train vs TensorFlow", "benchmarks.decode_bench", ["--images", "200"]),
-    ("Episode loader", "benchmarks.loader_bench", []),
+    Bench("Converter: `lite-convert md` vs a plain copy of the same records", "benchmarks.convert_bench",
+          quick_args=("--classes", "4", "--per-class", "10", "--size", "20000")),
+    Bench("Decode + resize per image on photographs: lite_train vs TensorFlow", "benchmarks.decode_bench"),
+    Bench("Episode loader on photographs", "benchmarks.loader_bench"),
+    Bench("Training", "benchmarks.train_bench"),
+    Bench("VTAB evaluation: `lite-train eval-vtab` query stream vs the decode+resize bound",
+          "benchmarks.eval_vtab_bench"),
 )
 
 
@@ -39,29 +67,58 @@ def _machine() -> str:
             f"{platform.release()}, Python {platform.python_version()}; " + ", ".join(versions))
 
 
-def main(argv: list[str] | None = None) -> None:
+def run_bench(bench: Bench, quick: bool, tmp: Path) -> tuple[str, bool]:
+    """(Markdown section, ok) of one module."""
+    args = bench.quick_args if quick else bench.args
+    shown = " ".join(["python", "-m", bench.module, *args])
+    head = f"## {bench.title}\n\n`{shown}`\n\n"
+    if importlib.util.find_spec(bench.module) is None:
+        path = bench.module.replace(".", "/") + ".py"
+        return head + f"not run: `{path}` is not in this tree.\n", True
+    table = tmp / f"{bench.module}.md"
+    command = [sys.executable, "-m", bench.module, *args, "--out", str(table)]
+    print(f"== {bench.title}: {shown}", flush=True)
+    code = subprocess.run(command, cwd=_REPO).returncode
+    if code != 0:
+        return head + f"FAILED: exited {code} (its output is in the log of this run).\n", False
+    if not table.is_file():
+        return head + "FAILED: exited 0 but wrote no table.\n", False
+    return head + table.read_text(), True
+
+
+def main(argv: list[str] | None = None, benches: tuple[Bench, ...] = BENCHES) -> int:
+    """Runs the benchmarks, writes the report; returns the exit status (1 when a module failed)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="BENCHMARKS.md")
+    ap.add_argument("--out", default=None, help="default: BENCHMARKS.md, or bench-out/BENCHMARKS.quick.md with --quick")
     ap.add_argument("--only", nargs="*", help="module names to run (default: all)")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes: checks that every row runs, in seconds")
     args = ap.parse_args(argv)
-    sections = []
+    out = Path(args.out or (_REPO / "bench-out" / "BENCHMARKS.quick.md" if args.quick else "BENCHMARKS.md"))
+    unknown = set(args.only or ()) - {b.module for b in benches}
+    if unknown:
+        ap.error(f"unknown modules {sorted(unknown)}; known: {', '.join(b.module for b in benches)}")
+    sections, failed = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        for title, module, extra in BENCHES:
-            if args.only and module not in args.only:
+        for bench in benches:
+            if args.only and bench.module not in args.only:
                 continue
-            table = Path(tmp) / f"{module}.md"
-            command = [sys.executable, "-m", module, *extra, "--out", str(table)]
-            print(f"== {title}: {' '.join(command[1:])}", flush=True)
-            subprocess.run(command, check=True)
-            shown = " ".join(["python", "-m", module, *extra])
-            sections.append(f"## {title}\n\n`{shown}`\n\n{table.read_text()}")
-    header = (f"# Benchmarks\n\nWritten by `make bench` (`python -m benchmarks.run`) on "
-              f"{datetime.date.today().isoformat()}.\n\nMachine: {_machine()}.\n\n"
+            section, ok = run_bench(bench, args.quick, Path(tmp))
+            sections.append(section)
+            if not ok:
+                failed.append(bench.module)
+    kind = ("a QUICK smoke run (`python -m benchmarks.run --quick`): tiny sizes, the numbers mean nothing"
+            if args.quick else "`make bench` (`python -m benchmarks.run`)")
+    header = (f"# Benchmarks\n\nWritten by {kind} on {datetime.date.today().isoformat()}.\n\n"
+              f"Machine: {_machine()}.\n\n"
               "Every table compares against its reference measured in the same run; absolute numbers move "
               "by 10-20 % between runs on this shared 2-core machine, ratios much less.\n\n")
-    Path(args.out).write_text(header + "\n".join(sections))
-    print(f"wrote {args.out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_out = out.with_name(f".{out.name}.tmp")
+    tmp_out.write_text(header + "\n".join(sections))
+    os.replace(tmp_out, out)
+    print(f"wrote {out}" + (f"; FAILED: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

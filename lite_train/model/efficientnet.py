@@ -1,0 +1,217 @@
+"""Images (n, 3, S, S) in [-1, 1] + 18 FiLM (gamma, beta) pairs in, pooled features (n, 1280) out: the frozen
+FiLM EfficientNet-B0 of LITE (reference lite.md §1.3; LITE:src/efficientnet.py, a port of lukemelas'
+EfficientNet-PyTorch).
+
+Module names equal the reference's (`_conv_stem`, `_bn0`, `_blocks.{i}._expand_conv`, ..., `_conv_head`,
+`_bn1`, `_fc`), so LITE checkpoints and the EfficientNet-PyTorch release file load without renaming.
+Numerics of the reference ("tf_"-style, as timm marks them): static TF-"same" padding computed for a 224-px
+input whatever the input size, BatchNorm eps 1e-3, Swish = x·sigmoid(x). The backbone is frozen and always
+runs in eval mode (ImageNet running statistics, no drop-connect), which `LiteModel.train` enforces.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# TF BatchNorm momentum 0.99 -> PyTorch momentum 1 - 0.99; only matters if someone trains the backbone's BN.
+BN_MOMENTUM = 1 - 0.99
+BN_EPS = 1e-3
+# The reference builds every static padding for this input size, even for 84-px images (lite.md §1.3).
+PADDING_IMAGE_SIZE = 224
+FEATURE_DIM = 1280
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSpec:
+    """One MBConv block of EfficientNet-B0 (width and depth multipliers 1.0)."""
+
+    kernel: int  # depthwise kernel size
+    stride: int  # depthwise stride
+    in_channels: int
+    out_channels: int
+    expand_ratio: int  # 1: no expansion conv (block 0)
+
+    @property
+    def expanded(self) -> int:
+        """Channels of the depthwise conv = the width of this block's FiLM site."""
+        return self.in_channels * self.expand_ratio
+
+    @property
+    def squeezed(self) -> int:
+        """Squeeze-excite width: max(1, int(block input · 0.25))."""
+        return max(1, int(self.in_channels * 0.25))
+
+    @property
+    def residual(self) -> bool:
+        return self.stride == 1 and self.in_channels == self.out_channels
+
+
+# EfficientNet-B0's 7 stages expanded into its 16 blocks (lite.md §1.3 block table).
+B0_BLOCKS: tuple[BlockSpec, ...] = (
+    BlockSpec(3, 1, 32, 16, 1),
+    BlockSpec(3, 2, 16, 24, 6), BlockSpec(3, 1, 24, 24, 6),
+    BlockSpec(5, 2, 24, 40, 6), BlockSpec(5, 1, 40, 40, 6),
+    BlockSpec(3, 2, 40, 80, 6), BlockSpec(3, 1, 80, 80, 6), BlockSpec(3, 1, 80, 80, 6),
+    BlockSpec(5, 1, 80, 112, 6), BlockSpec(5, 1, 112, 112, 6), BlockSpec(5, 1, 112, 112, 6),
+    BlockSpec(5, 2, 112, 192, 6), BlockSpec(5, 1, 192, 192, 6), BlockSpec(5, 1, 192, 192, 6),
+    BlockSpec(5, 1, 192, 192, 6),
+    BlockSpec(3, 1, 192, 320, 6),
+)
+STEM_CHANNELS = 32
+
+# Channels of the 18 FiLM sites in forward order: stem, blocks 0..15 (expanded width), head.
+FILM_CHANNELS: tuple[int, ...] = (STEM_CHANNELS, *(b.expanded for b in B0_BLOCKS), FEATURE_DIM)
+
+
+def same_padding(in_size: int, kernel: int, stride: int) -> tuple[int, int, int, int]:
+    """TF "same" padding of a square input of `in_size` px as F.pad's (left, right, top, bottom).
+
+    out = ceil(in / stride); total = max((out - 1)·stride + kernel - in, 0); the smaller half goes on the
+    top/left (lukemelas `Conv2dStaticSamePadding`).
+    """
+    out = math.ceil(in_size / stride)
+    total = max((out - 1) * stride + kernel - in_size, 0)
+    before, after = total // 2, total - total // 2
+    return (before, after, before, after)
+
+
+class SameConv2d(nn.Conv2d):
+    """An unpadded Conv2d behind a fixed zero padding (computed once for the reference input size)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel: int, stride: int, in_size: int,
+                 groups: int = 1, bias: bool = False):
+        super().__init__(in_channels, out_channels, kernel, stride=stride, padding=0, groups=groups, bias=bias)
+        self.pad = same_padding(in_size, kernel, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if any(self.pad):
+            x = F.pad(x, self.pad)
+        return super().forward(x)
+
+
+def _bn(channels: int) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(channels, momentum=BN_MOMENTUM, eps=BN_EPS)
+
+
+def swish(x: torch.Tensor) -> torch.Tensor:
+    # Written as x·sigmoid(x) like the reference's Swish rather than F.silu, to round the same way.
+    return x * torch.sigmoid(x)
+
+
+def film(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """x (n, C, H, W) <- gamma[C]·x + beta[C]."""
+    return gamma[None, :, None, None] * x + beta[None, :, None, None]
+
+
+class FilmMBConvBlock(nn.Module):
+    """Mobile inverted bottleneck with squeeze-excite; FiLM after the depthwise BN, before Swish."""
+
+    def __init__(self, spec: BlockSpec, in_size: int):
+        super().__init__()
+        self.spec = spec
+        exp = spec.expanded
+        if spec.expand_ratio != 1:
+            self._expand_conv = SameConv2d(spec.in_channels, exp, 1, 1, in_size)
+            self._bn0 = _bn(exp)
+        self._depthwise_conv = SameConv2d(exp, exp, spec.kernel, spec.stride, in_size, groups=exp)
+        self._bn1 = _bn(exp)
+        # Squeeze-excite acts on a 1x1 map: no padding (the reference builds these for image size 1).
+        self._se_reduce = SameConv2d(exp, spec.squeezed, 1, 1, 1, bias=True)
+        self._se_expand = SameConv2d(spec.squeezed, exp, 1, 1, 1, bias=True)
+        self._project_conv = SameConv2d(exp, spec.out_channels, 1, 1, math.ceil(in_size / spec.stride))
+        self._bn2 = _bn(spec.out_channels)
+
+    def forward(self, inputs: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+        x = inputs  # (n, in, H, W)
+        if self.spec.expand_ratio != 1:
+            x = swish(self._bn0(self._expand_conv(x)))  # (n, exp, H, W)
+        x = swish(film(self._bn1(self._depthwise_conv(x)), gamma, beta))  # (n, exp, H/s, W/s)
+        squeezed = F.adaptive_avg_pool2d(x, 1)  # (n, exp, 1, 1)
+        squeezed = self._se_expand(swish(self._se_reduce(squeezed)))  # (n, exp, 1, 1)
+        x = torch.sigmoid(squeezed) * x
+        x = self._bn2(self._project_conv(x))  # (n, out, H/s, W/s)
+        if self.spec.residual:
+            x = x + inputs  # drop-connect is a training-mode op; the backbone never trains
+        return x
+
+
+class _EmptyLinear(nn.Module):
+    """The reference's `_fc = Linear(1280, 0)` (built with num_classes=0): two empty tensors that exist
+    only so that LITE checkpoints, which contain them, load strictly. Never applied."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(0, FEATURE_DIM), requires_grad=False)  # (0, 1280)
+        self.bias = nn.Parameter(torch.empty(0), requires_grad=False)  # (0,)
+
+
+class FilmEfficientNet(nn.Module):
+    """EfficientNet-B0 feature extractor with 18 FiLM sites; `forward(images, film_params)` -> (n, 1280)."""
+
+    def __init__(self, padding_image_size: int = PADDING_IMAGE_SIZE):
+        super().__init__()
+        size = padding_image_size
+        self._conv_stem = SameConv2d(3, STEM_CHANNELS, 3, 2, size)
+        self._bn0 = _bn(STEM_CHANNELS)
+        size = math.ceil(size / 2)
+        blocks = []
+        for spec in B0_BLOCKS:
+            blocks.append(FilmMBConvBlock(spec, size))
+            size = math.ceil(size / spec.stride)
+        self._blocks = nn.ModuleList(blocks)
+        self._conv_head = SameConv2d(B0_BLOCKS[-1].out_channels, FEATURE_DIM, 1, 1, size)
+        self._bn1 = _bn(FEATURE_DIM)
+        self._fc = _EmptyLinear()
+        self._init_weights()
+        for p in self.parameters():
+            p.requires_grad_(False)
+
+    def _init_weights(self) -> None:
+        """Random backbone (used only without pretrained weights): convs ~ N(0, 2 / fan_out) as TF's
+        EfficientNet (timm `_init_weight_goog`). PyTorch's default conv init shrinks activations layer by
+        layer, so a default-initialised B0 gives near-constant features and vanishing gradients."""
+        with torch.no_grad():
+            for m in self.modules():
+                if isinstance(m, nn.Conv2d):
+                    fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
+                    m.weight.normal_(0.0, math.sqrt(2.0 / fan_out))
+                    if m.bias is not None:
+                        m.bias.zero_()
+
+    def forward(self, images: torch.Tensor, film_params: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        if len(film_params) != len(FILM_CHANNELS):
+            raise ValueError(f"expected {len(FILM_CHANNELS)} FiLM (gamma, beta) pairs, got {len(film_params)}")
+        x = swish(film(self._bn0(self._conv_stem(images)), *film_params[0]))  # (n, 32, S/2, S/2)
+        for block, (gamma, beta) in zip(self._blocks, film_params[1:-1]):
+            x = block(x, gamma, beta)
+        x = swish(film(self._bn1(self._conv_head(x)), *film_params[-1]))  # (n, 1280, h, w)
+        return F.adaptive_avg_pool2d(x, 1).flatten(1)  # (n, 1280)
+
+
+def calibrate_batch_norm(backbone: FilmEfficientNet, images: torch.Tensor) -> None:
+    """Sets every BN's running statistics to the batch statistics of `images` (n, 3, S, S) under identity
+    FiLM, in one forward pass in training mode (each BN normalises with, and stores, its batch statistics).
+    Only for a random backbone: its initial running statistics (mean 0, var 1) do not fit its activations,
+    and in eval mode its features then hardly depend on the image. Never for pretrained weights."""
+    bns = [m for m in backbone.modules() if isinstance(m, nn.BatchNorm2d)]
+    momenta = [bn.momentum for bn in bns]
+    with torch.no_grad():
+        for bn in bns:
+            bn.reset_running_stats()
+            bn.momentum = None  # cumulative average: after one batch, exactly its statistics
+        backbone.train()
+        backbone(images, identity_film(images.dtype, images.device))
+    for bn, momentum in zip(bns, momenta):
+        bn.momentum = momentum
+    backbone.eval()
+
+
+def identity_film(dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+    """gamma = 1, beta = 0 at every site: the plain (unadapted) EfficientNet-B0."""
+    return [(torch.ones(c, dtype=dtype, device=device), torch.zeros(c, dtype=dtype, device=device))
+            for c in FILM_CHANNELS]

@@ -1,0 +1,113 @@
+"""A model file + a folder of labelled support images + a folder of query images in, predictions out: a CSV
+(query file, predicted class, softmax score per class) and a printed table (`lite-train predict`).
+
+Images are decoded and resized exactly as in training (`lite_train.data.decode`: TF-equal JPEG/PNG decode,
+corner-aligned bilinear resize, [-1, 1]); other formats Pillow can open (BMP, GIF, WebP, TIFF, ...) are
+converted to RGB by Pillow first, then resized the same way.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lite_train.data.decode import decode_rgb, resize_into
+
+
+def load_image(path: Path, image_size: int) -> torch.Tensor:
+    """(3, S, S) float32 in [-1, 1]. Raises ValueError naming the file if it is not a readable image."""
+    data = path.read_bytes()
+    try:
+        rgb = decode_rgb(data)  # (H, W, 3) uint8
+    except ValueError as first:
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                rgb = np.asarray(img.convert("RGB"))
+        except (UnidentifiedImageError, OSError):
+            raise ValueError(f"{path}: not a readable image ({first})") from None
+    out = torch.empty(3, image_size, image_size)
+    resize_into(rgb, out, image_size)
+    return out
+
+
+def _image_files(folder: Path) -> tuple[list[Path], int]:
+    """Visible regular files of `folder`, sorted; and how many hidden entries (dot files) were skipped."""
+    entries = sorted(folder.iterdir())
+    hidden = sum(1 for p in entries if p.name.startswith("."))
+    return [p for p in entries if not p.name.startswith(".") and p.is_file()], hidden
+
+
+def read_support(folder: Path, image_size: int) -> tuple[list[str], torch.Tensor, torch.Tensor, int]:
+    """(class names sorted, images (N, 3, S, S), labels (N,) = index into the names, hidden files skipped).
+
+    Raises:
+        ValueError: not a folder, fewer than two classes, an empty class, a loose file, an unreadable image.
+    """
+    if not folder.is_dir():
+        raise ValueError(f"{folder}: not a folder of class folders")
+    entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    loose = [p for p in entries if not p.is_dir()]
+    if loose:
+        raise ValueError(f"{loose[0]}: the support folder must hold only class folders")
+    if len(entries) < 2:
+        raise ValueError(f"{folder}: needs at least two class folders, found {len(entries)}")
+    images, labels, hidden = [], [], 0
+    for label, class_dir in enumerate(entries):
+        files, skipped = _image_files(class_dir)
+        hidden += skipped
+        if not files:
+            raise ValueError(f"{class_dir}: no images")
+        images += [load_image(p, image_size) for p in files]
+        labels += [label] * len(files)
+    return [p.name for p in entries], torch.stack(images), torch.tensor(labels, dtype=torch.int64), hidden
+
+
+def read_query(folder: Path, image_size: int) -> tuple[list[Path], torch.Tensor, int]:
+    if not folder.is_dir():
+        raise ValueError(f"{folder}: not a folder of images")
+    files, hidden = _image_files(folder)
+    if not files:
+        raise ValueError(f"{folder}: no images")
+    return files, torch.stack([load_image(p, image_size) for p in files]), hidden
+
+
+def predict_folders(model: torch.nn.Module, support_dir: Path, query_dir: Path, image_size: int,
+                    device: torch.device, chunk_size: int = 40) -> tuple[list[str], list[Path], torch.Tensor, int]:
+    """(class names, query files, softmax scores (Q, classes), hidden files skipped)."""
+    names, support, labels, hidden_s = read_support(support_dir, image_size)
+    files, query, hidden_q = read_query(query_dir, image_size)
+    logits = model.predict(support.to(device), labels.to(device), query.to(device), chunk_size=chunk_size)
+    return names, files, torch.softmax(logits.float().cpu(), dim=1), hidden_s + hidden_q  # (Q, classes)
+
+
+def write_predictions(path: Path, names: list[str], files: list[Path], scores: torch.Tensor) -> None:
+    """CSV: file, predicted, then one score column per class (softmax of the logits), written atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["file", "predicted", *names])
+        for file, row in zip(files, scores.tolist()):
+            writer.writerow([file.name, names[int(np.argmax(row))], *(f"{v:.6f}" for v in row)])
+    tmp.replace(path)
+
+
+def print_predictions(names: list[str], files: list[Path], scores: torch.Tensor) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="predictions (softmax score per class)")
+    table.add_column("query")
+    table.add_column("predicted")
+    for name in names:
+        table.add_column(name, justify="right")
+    for file, row in zip(files, scores.tolist()):
+        best = int(np.argmax(row))
+        table.add_row(file.name, names[best], *(f"{v:.3f}" for v in row))
+    Console().print(table)

@@ -1,0 +1,111 @@
+"""The training loop: bit-exact resume after SIGTERM, run-folder contents, config round trip, TensorBoard."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lite_train.train import TrainConfig, load_checkpoint, train
+from tests.lite_train.train.conftest import tiny_config
+
+
+def _losses(run) -> list[list[str]]:
+    with open(run / "metrics.csv", newline="") as f:
+        return list(csv.reader(f))
+
+
+def _final_state(run) -> dict[str, torch.Tensor]:
+    return torch.load(run / "fully_trained.pt", weights_only=True)
+
+
+def test_four_tasks_equal_three_a_sigterm_and_one_resumed(tiny_data, tmp_path):
+    # tasks_per_step 2: the kill after task 3 comes after one Adam step (its moments must be restored) and in
+    # the middle of the next (the accumulated gradient of task 3 must be restored).
+    straight = tmp_path / "straight"
+    assert train(tiny_config(tiny_data, straight, tasks_per_step=2, iterations=4), progress=False).finished
+
+    killed = tmp_path / "killed"
+    cfg = tiny_config(tiny_data, killed, tasks_per_step=2, iterations=4)
+
+    def kill_after_third(task, stats):
+        if task == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # the real signal path: handler -> checkpoint -> return
+
+    first = train(cfg, progress=False, on_task=kill_after_third)
+    assert (first.finished, first.iteration) == (False, 3)
+    assert load_checkpoint(killed / "checkpoint.pt")["iteration"] == 3
+    assert not (killed / "fully_trained.pt").exists()
+    second = train(cfg, resume=True, progress=False)
+    assert (second.finished, second.iteration) == (True, 4)
+
+    assert _losses(killed) == _losses(straight)  # every logged loss and accuracy, bit for bit (repr of floats)
+    a, b = _final_state(straight), _final_state(killed)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # and training did change the trainable parameters
+    init = tiny_config(tiny_data, tmp_path / "unused")
+    from lite_train.train.loop import build_model
+    start = build_model(init).state_dict()  # calibration changes only backbone BN buffers
+    assert any(not torch.equal(start[k], a[k]) for k in a if "regularizers" in k)
+
+
+def test_run_folder_holds_config_checkpoint_and_curves(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    cfg = tiny_config(tiny_data, run, iterations=4, val_sources=("toya", "toyb"), val_freq=2, val_episodes=2)
+    result = train(cfg, progress=False)
+    assert TrainConfig.from_dict(json.loads((run / "config.json").read_text())) == cfg
+    state = load_checkpoint(run / "checkpoint.pt")
+    assert TrainConfig.from_dict(state["config"]) == cfg and state["iteration"] == 4
+    assert state["loader"]["next_episode"] == 4 and set(state["loader"]["fingerprints"]) == {"toya", "toyb"}
+    rows = _losses(run)
+    assert rows[0] == ["task", "source", "ways", "support", "query", "loss", "accuracy"]
+    assert [int(r[0]) for r in rows[1:]] == [0, 1, 2, 3]
+    with open(run / "validation.csv", newline="") as f:
+        val = list(csv.reader(f))[1:]
+    assert [(r[0], r[1]) for r in val] == [("2", "toya"), ("2", "toyb")]  # never after the last task
+    assert val[0][5] == "1" and (run / "best_validation.pt").exists()  # first validation beats 0 %
+    assert set(result.best_validation) == {"toya", "toyb"}
+
+    # TensorBoard: the hand-written events decode with tensorboard's own protobuf classes
+    from tensorboard.compat.proto import event_pb2
+
+    events_file = next(run.glob("events.out.tfevents.*"))
+    data, events = events_file.read_bytes(), []
+    while data:
+        (n,) = struct.unpack("<Q", data[:8])
+        events.append(event_pb2.Event.FromString(data[12:12 + n]))
+        data = data[12 + n + 4:]
+    assert events[0].file_version == "brain.Event:2"
+    losses = [(e.step, e.summary.value[0].simple_value) for e in events
+              if e.HasField("summary") and e.summary.value[0].tag == "train/loss"]
+    assert losses == [(int(r[0]), pytest.approx(float(r[5]), rel=1e-6)) for r in rows[1:]]
+
+
+def test_a_fresh_run_refuses_a_used_folder_and_resume_refuses_other_settings(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_config(tiny_data, run, iterations=1), progress=False)
+    with pytest.raises(ValueError, match="not empty"):
+        train(tiny_config(tiny_data, run, iterations=1), progress=False)
+    with pytest.raises(ValueError, match="differs in h"):
+        train(tiny_config(tiny_data, run, iterations=1, h=2), resume=True, progress=False)
+
+
+def test_config_from_dict_rejects_unknown_keys():
+    raw = tiny_config("d", "o").to_dict()
+    with pytest.raises(ValueError, match="unknown config keys"):
+        TrainConfig.from_dict({**raw, "lr": 0.1})
+
+
+def test_creating_the_event_writer_does_not_import_tensorflow(tmp_path):
+    code = ("import sys, pathlib; import lite_train.train.loop; from lite_train.train.logs import EventWriter; "
+            f"w = EventWriter(pathlib.Path({str(tmp_path)!r})); w.scalar('a', 1.0, 0); w.close(); "
+            "assert 'tensorflow' not in sys.modules, 'tensorflow imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
