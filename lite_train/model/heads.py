@@ -72,7 +72,9 @@ class SimpleCnapsHead:
             lam = block.shape[0] / (block.shape[0] + 1)
             sigmas.append(lam * sample_covariance(block, self.one_shot_covariance_quirk)
                           + (1 - lam) * task_cov + eye)  # (D, D)
-        precisions = torch.inverse(torch.stack(sigmas))  # (K, D, D), explicit inverse as the reference
+        # Explicit inverse as the reference, one matrix at a time: torch's batched CPU inverse (MKL) raises or
+        # returns garbage once torch.set_num_threads(k > 1) has been called (torch 2.14.1).
+        precisions = torch.stack([torch.inverse(sigma) for sigma in sigmas])  # (K, D, D)
         return ClassStats(classes, means, precisions)
 
     def logits(self, stats: ClassStats, query: torch.Tensor) -> torch.Tensor:

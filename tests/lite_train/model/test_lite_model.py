@@ -150,3 +150,23 @@ def test_every_head_runs_in_the_model(name, model):
 def test_unknown_head_is_rejected():
     with pytest.raises(ValueError, match="unknown classifier"):
         ModelConfig(classifier="maml")
+
+
+def test_simple_cnaps_precisions_stay_right_after_set_num_threads():
+    # torch's batched CPU inverse (MKL) raises or returns garbage once torch.set_num_threads(k > 1) has been
+    # called in the process (torch 2.14.1): a trainer or test that sets its thread count must not get wrong
+    # precisions. Expected values from a float64 inverse of the same matrices.
+    from lite_train.model.heads import make_head
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        features = torch.randn(12, 1280, generator=gen)  # (N, D)
+        labels = torch.arange(12) % 3
+        stats = make_head("simple_cnaps", True).fit(features, labels)
+        expected = make_head("simple_cnaps", True).fit(features.double(), labels).precisions
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.isfinite(stats.precisions).all()
+    assert torch.allclose(stats.precisions.double(), expected, atol=1e-4)
