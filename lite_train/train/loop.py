@@ -204,13 +204,14 @@ def _prepare_run_folder(cfg: TrainConfig, resume: bool, rank: int) -> dict | Non
         if differs:
             raise ValueError(f"{out / ckpt.CHECKPOINT}: saved config differs in {', '.join(differs)}")
         return state
+    if rank != 0:  # rank 0 alone checks and creates the folder (others would race its config.json)
+        return None
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out}: run folder exists and is not empty (resume it with --resume, or pick --out)")
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / ".config.json.tmp"
-        tmp.write_text(cfg.to_json())
-        tmp.replace(out / "config.json")
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / ".config.json.tmp"
+    tmp.write_text(cfg.to_json())
+    tmp.replace(out / "config.json")
     return None
 
 
