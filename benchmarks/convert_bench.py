@@ -3,16 +3,18 @@ memory of converting + verifying a source of millions of tiny samples.
 
 Table 1 writes one dataset of N classes x M records of ~S-byte JPEG-like payloads (a JPEG magic + random bytes,
 framed by `convert.tfrecord.frame`, which TF's writer matches byte for byte), then times, in one run and on the
-same (page-cached) files: a raw sequential read, `shutil.copyfile` of every record file, the `lite-convert md`
-CLI with `--workers 1` and `--workers 2` (subprocesses, start-up included; one dataset, so the two workers
-split its runs), and `lite-convert verify --records` over the result. The shard limit is set so that the
-dataset has several runs (`manifests.writer.plan_runs`) for the workers to share.
+same (page-cached) files: a raw sequential read, `shutil.copyfile` of every record file (without and with an
+fsync of each copy), the `lite-convert md` CLI with `--workers 1` and `--workers 2` (its default: no fsync) and
+with `--workers 1 --fsync` (subprocesses, start-up included; one dataset, so the two workers split its runs),
+and `lite-convert verify --records` over the result. The shard limit is set so that the dataset has several runs
+(`manifests.writer.plan_runs`) for the workers to share. Every step starts after an (untimed) `os.sync()`, so
+that none pays for writing back what an earlier one left dirty.
 
 Table 2 writes a source of `--tiny-samples` (default 5 million) ~100-byte samples through `SourceWriter` (what
 `lite-convert md` runs per sample, without the record parsing) and verifies it, each in its own process, and
 reports the peak RSS of each; the text extrapolates to quickdraw (~50 million samples).
 
-Usage: `python -m benchmarks.convert_bench --out BENCH.md`.
+Usage: `python -m benchmarks.convert_bench --out BENCH.md` (`--tiny-samples 0`: table 1 only).
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ def write_synthetic(root: Path, classes: int, per_class: int, size: int, seed: i
 
 
 def _timed(fn) -> float:
+    os.sync()  # nothing left dirty by an earlier step is written back during this one
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
@@ -95,33 +98,38 @@ def throughput(classes: int, per_class: int, size: int, runs: int, workdir: Path
                 with open(dst / p.name, "rb") as f:
                     os.fsync(f.fileno())
 
-    inside: dict[int, float] = {}
+    inside: dict[str, float] = {}
 
-    def convert(workers: int):
+    def convert(workers: int, *flags: str):
         def run() -> None:
-            inside[workers] = _converter_seconds(_cli("md", "--records", str(records), "--out",
-                                                      str(workdir / f"out{workers}"), "--workers", str(workers),
-                                                      "--max-shard-bytes", str(shard_bytes)))
+            name = f"out{workers}{''.join(flags)}"
+            inside[name] = _converter_seconds(_cli("md", "--records", str(records), "--out", str(workdir / name),
+                                                   "--workers", str(workers), "--max-shard-bytes", str(shard_bytes),
+                                                   *flags))
         return run
 
     read_all()  # page-cache the records, so that every step below reads from memory
+    of_which = "… of which converting (summary `seconds`, no start-up)"  # the same run without interpreter start-up
     rows = [("raw sequential read", _timed(read_all)), ("shutil.copyfile", _timed(copy_all)),
             ("shutil.copyfile + fsync of each copy", _timed(lambda: copy_all(durable=True))),
-            ("lite-convert md --workers 1", _timed(convert(1))), ("lite-convert md --workers 2", _timed(convert(2))),
+            ("lite-convert md --workers 1", _timed(convert(1))), (f"{of_which}, --workers 1", inside["out1"]),
+            ("lite-convert md --workers 2", _timed(convert(2))), (f"{of_which}, --workers 2", inside["out2"]),
+            ("lite-convert md --workers 1 --fsync", _timed(convert(1, "--fsync"))),
+            (f"{of_which}, --workers 1 --fsync", inside["out1--fsync"]),
             ("lite-convert verify --records (shards + records)",
              _timed(lambda: _cli("verify", str(workdir / "out1"), "--records", str(records))))]
     shards = sorted(p.name for p in (workdir / "out1" / "md" / "bench").iterdir())
-    identical = all((workdir / "out1" / "md" / "bench" / s).read_bytes() == (workdir / "out2" / "md" / "bench" / s)
-                    .read_bytes() for s in shards if s != "source.json")
+    identical = all((workdir / "out1" / "md" / "bench" / s).read_bytes() == (workdir / other / "md" / "bench" / s)
+                    .read_bytes() for s in shards if s != "source.json" for other in ("out2", "out1--fsync"))
     copy_s = rows[1][1]
     lines = [f"Conversion throughput: one dataset of {classes} classes x {per_class} records, ~{size / 1e3:.0f} KB "
              f"each, {total / 1e6:,.0f} MB of records, page-cached; `--max-shard-bytes {shard_bytes}` cuts it into "
-             f"{runs} runs. Output of 1 and 2 workers byte-identical: {'yes' if identical else 'NO'}. "
-             f"The converter fsyncs every shard before committing it; the plain copy does not (the fsync row shows "
-             f"what durability costs on this disk).", "",
-             "| step | seconds | MB/s | records/s | throughput vs copy |", "|---|---:|---:|---:|---:|"]
-    for w in (1, 2):  # the converter's own summary time: the same run without interpreter start-up
-        rows.insert(2 + 2 * w, (f"… of which converting (summary `seconds`, no start-up), --workers {w}", inside[w]))
+             f"{runs} runs. Output of 1 and 2 workers and of `--fsync` byte-identical: "
+             f"{'yes' if identical else 'NO'}. By default the converter does not fsync (a killed conversion loses "
+             f"nothing and resumes; staged shards are re-checked first), like the plain copy; `--fsync` fsyncs every "
+             f"shard, manifest and folder before it counts, like the copy + fsync row (what durability against a "
+             f"power loss costs on this disk). Ratio: throughput / shutil.copyfile's, same run.", "",
+             "| step | seconds | MB/s | records/s | ratio to copyfile |", "|---|---:|---:|---:|---:|"]
     for name, seconds in rows:
         lines.append(f"| {name} | {seconds:.2f} | {total / 1e6 / seconds:,.0f} | {n / seconds:,.0f} | "
                      f"{copy_s / seconds:.2f} |")
@@ -146,12 +154,15 @@ def _write_tiny(root: str, samples: str, classes: str) -> None:
 
 
 def _imports_only() -> None:
-    """Child process: what every row pays before its first sample (interpreter, NumPy, pyarrow and the pandas it
-    imports on first use, manifests)."""
+    """Child process: what verify pays before its first sample (interpreter, NumPy, pyarrow and the pandas its
+    first `pa.array` / `to_numpy` imports, manifests; the writer itself never imports pandas)."""
+    import pyarrow as pa
+
     import manifests.verify  # noqa: F401
     from manifests.writer import warm_up
 
     warm_up()
+    pa.array([0])
 
 
 def _verify_tiny(root: str) -> None:
@@ -161,15 +172,18 @@ def _verify_tiny(root: str) -> None:
 
 
 def _peak_rss_in_child(fn: str, *args: str) -> tuple[float, float]:
-    """(seconds, peak RSS in MB) of `fn(*args)` run in a fresh process."""
-    code = f"import sys; from benchmarks.convert_bench import {fn}; {fn}(*sys.argv[1:])"
+    """(seconds, peak RSS in MB) of `fn(*args)` run in a fresh process.
+
+    The peak is the child's own VmHWM (Linux), read by the child when done: its rusage `ru_maxrss` would also
+    count the copy of this process it was forked from before exec."""
+    code = (f"import sys; from benchmarks.convert_bench import {fn}; {fn}(*sys.argv[1:]); "
+            "print(next(line for line in open('/proc/self/status') if line.startswith('VmHWM:')).split()[1])")
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", code, *args])
-    _, status, usage = os.wait4(proc.pid, 0)  # the child's own peak RSS, not this process's
+    proc = subprocess.run([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, text=True)
     seconds = time.perf_counter() - start
-    if status != 0:
-        raise RuntimeError(f"{fn} failed with status {status}")
-    return seconds, usage.ru_maxrss / 1024
+    if proc.returncode != 0:
+        raise RuntimeError(f"{fn} failed with status {proc.returncode}")
+    return seconds, int(proc.stdout.split()[-1]) / 1024
 
 
 def memory(samples: int, classes: int, workdir: Path) -> str:
@@ -204,15 +218,15 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=50)
     parser.add_argument("--size", type=int, default=100_000, help="mean payload bytes")
     parser.add_argument("--runs", type=int, default=8, help="runs the dataset is cut into")
-    parser.add_argument("--tiny-samples", type=int, default=5_000_000, help="samples of the memory table")
+    parser.add_argument("--tiny-samples", type=int, default=5_000_000, help="samples of the memory table (0: none)")
     parser.add_argument("--tiny-classes", type=int, default=345)
     parser.add_argument("--workdir", type=Path, help="scratch folder (default: a temporary one, removed)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
     def both(workdir: Path) -> str:
-        return (throughput(args.classes, args.per_class, args.size, args.runs, workdir, args.seed) + "\n"
-                + memory(args.tiny_samples, args.tiny_classes, workdir))
+        report = throughput(args.classes, args.per_class, args.size, args.runs, workdir, args.seed)
+        return report + "\n" + memory(args.tiny_samples, args.tiny_classes, workdir) if args.tiny_samples else report
 
     if args.workdir is not None:
         args.workdir.mkdir(parents=True, exist_ok=True)

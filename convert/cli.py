@@ -58,6 +58,30 @@ def _summary_table(results) -> Table:
     return table
 
 
+# Meta-Dataset's episodes draw at least one support and one query image per class (variable shots); fixed
+# shots need shots + query. lite_train's planner refuses a smaller class when it is built (naming it); the
+# converter says so as soon as it writes one, instead of hours later at the first training run.
+MIN_EPISODE_IMAGES = 2
+
+
+def _warn_small_classes(out: Path, results) -> None:
+    """One warning line per converted class with fewer than MIN_EPISODE_IMAGES images (reads classes.parquet)."""
+    from manifests.reader import SourceReader
+
+    for r in results:
+        reader = SourceReader(Path(out) / r.source, verify_checksums=False)
+        try:
+            rows = zip(*(reader.classes[c].to_pylist() for c in ("class_id", "name", "split", "num_images")))
+            for class_id, name, split, count in rows:
+                if count >= MIN_EPISODE_IMAGES:
+                    continue
+                _err.print(f"warning: {r.source}: class {class_id} {name!r} ({split}) has {count} image(s); an MD "
+                           f"episode needs at least {MIN_EPISODE_IMAGES} per class (fixed shots: shots + query), so training or testing "
+                           "on its split will refuse it", markup=False, highlight=False, soft_wrap=True)
+        finally:
+            reader.close()
+
+
 @app.command()
 @_guard
 def md(
@@ -67,6 +91,9 @@ def md(
     workers: int = typer.Option(1, help="Processes converting in parallel (also inside one dataset)."),
     max_shard_samples: int = typer.Option(schema.DEFAULT_MAX_SHARD_SAMPLES, help="Samples per shard at most."),
     max_shard_bytes: int = typer.Option(schema.DEFAULT_MAX_SHARD_BYTES, help="Image bytes per shard at most."),
+    fsync: bool = typer.Option(False, "--fsync", help="Fsync every shard, manifest and folder before it counts, so "
+                                                      "the output also survives a power loss (a kill loses nothing "
+                                                      "without it)."),
 ):
     """Convert Meta-Dataset TFRecords into shards + manifests."""
     from convert.md import ConvertConfig, convert_planned, plan_datasets
@@ -74,7 +101,7 @@ def md(
     config = ConvertConfig(records=str(records), out=str(out),
                            datasets=tuple(d for d in datasets.split(",") if d),
                            workers=workers, max_shard_samples=max_shard_samples,
-                           max_shard_bytes=max_shard_bytes)
+                           max_shard_bytes=max_shard_bytes, fsync=fsync)
     plans = plan_datasets(config)
     columns = (TextColumn("{task.description:<16}"), BarColumn(), MofNCompleteColumn(), _RateColumn(),
                TimeElapsedColumn())
@@ -93,6 +120,7 @@ def md(
 
         results = convert_planned(plans, config, report)
     _out.print(_summary_table(results))
+    _warn_small_classes(out, results)
 
 
 @app.command()
@@ -101,11 +129,12 @@ def mnist(
     idx_dir: Path = typer.Option(..., help="Folder with t10k-images-idx3-ubyte(.gz) and t10k-labels-idx1-ubyte(.gz)."),
     out: Path = typer.Option(..., help="Output root; the source goes to <out>/md/mnist/."),
     lossless: bool = typer.Option(False, help="Store PNG instead of MD's quality-75 JPEG."),
+    fsync: bool = typer.Option(False, "--fsync", help="Fsync every file and folder before it counts (see md)."),
 ):
     """Convert the 10,000 MNIST test digits into the `mnist` source."""
     from convert.mnist import MnistConfig, convert_mnist
 
-    config = MnistConfig(idx_dir=str(idx_dir), out=str(out), lossless=lossless)
+    config = MnistConfig(idx_dir=str(idx_dir), out=str(out), lossless=lossless, fsync=fsync)
     with Progress(TextColumn("mnist"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=_err) as progress:
         task = progress.add_task("mnist", total=10)

@@ -8,7 +8,8 @@ uses every worker, and the output is byte-identical for any number of workers. A
 all written is finished and published by this process. A complete source with the same input fingerprint
 and every published file at its recorded size is skipped; a staged one resumes after each run's last
 committed (and re-checked) shard. The class table keeps the dataset's own splits; the MD-v2 view is chosen
-when reading (`manifests.md_spec.spec_view`).
+when reading (`manifests.md_spec.spec_view`). `--fsync` makes every committed file survive a power loss too
+(`manifests.staging`); a kill loses nothing without it.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Iterator
+
+from isal import isal_zlib
 
 from manifests import schema
 from manifests.md_spec import MDSpec, load_md_spec
@@ -53,6 +56,7 @@ class ConvertConfig:
     workers: int = 1  # processes converting runs (of one or several datasets) in parallel
     max_shard_samples: int = schema.DEFAULT_MAX_SHARD_SAMPLES
     max_shard_bytes: int = schema.DEFAULT_MAX_SHARD_BYTES
+    fsync: bool = False  # fsync every shard, manifest and folder before it counts (survives a power loss)
 
     def __post_init__(self):
         if self.workers < 1 or self.max_shard_samples < 1 or self.max_shard_bytes < 1:
@@ -251,9 +255,10 @@ def _source_fields(plan: DatasetPlan, config: ConvertConfig) -> dict[str, Any]:
         "benchmark": "md-v1",
         "dataset_spec": plan.spec.raw,
         "sampling_spec": plan.spec.raw,
-        # --workers is left out: it never changes the output.
+        # --workers and --fsync are left out: neither changes the output.
         "extra": {"fingerprint": plan.fingerprint,
-                  "convert_config": {k: v for k, v in dataclasses.asdict(config).items() if k != "workers"}},
+                  "convert_config": {k: v for k, v in dataclasses.asdict(config).items()
+                                     if k not in ("workers", "fsync")}},
     }
 
 
@@ -322,7 +327,7 @@ def convert_planned(plans: list[DatasetPlan], config: ConvertConfig,
         results: list[SourceResult | None] = [None] * len(plans)
         stagings: dict[int, SourceStaging] = {}
         for i, plan in enumerate(plans):
-            recovered = recover_publish(Path(config.out), GROUP, plan.name)  # a publish killed half-way
+            recovered = recover_publish(Path(config.out), GROUP, plan.name, fsync=config.fsync)  # killed half-way
             done = up_to_date(Path(config.out), plan.name, plan.fingerprint)
             if done is not None:
                 if progress:
@@ -331,7 +336,8 @@ def convert_planned(plans: list[DatasetPlan], config: ConvertConfig,
                 continue
             stagings[i] = SourceStaging(Path(config.out), GROUP, plan.name, fingerprint=plan.fingerprint,
                                         runs=len(plan.runs), max_shard_samples=config.max_shard_samples,
-                                        max_shard_bytes=config.max_shard_bytes)
+                                        max_shard_bytes=config.max_shard_bytes, fsync=config.fsync,
+                                        crc32=isal_zlib.crc32)  # zlib's CRC-32, computed faster
         tasks = [(i, run) for i, staging in stagings.items() if staging.finished_info() is None
                  for run in range(len(plans[i].runs))]
         left = {i: sum(1 for t in tasks if t[0] == i) for i in stagings}

@@ -41,6 +41,7 @@ class MnistConfig:
     idx_dir: str  # folder with t10k-{images-idx3,labels-idx1}-ubyte[.gz]
     out: str  # output root; the source goes to <out>/md/mnist/
     lossless: bool = False  # store PNG instead of MD's quality-75 JPEG
+    fsync: bool = False  # fsync every file and folder before it counts (survives a power loss; not saved)
 
 
 def _find(idx_dir: Path, name: str) -> Path:
@@ -127,7 +128,7 @@ def convert_mnist(config: MnistConfig, progress: Callable[[int], None] | None = 
     start_time = time.perf_counter()
     images, labels, paths = read_mnist_idx(config.idx_dir)  # checked before anything is written
     with output_lock(config.out):
-        recover_publish(Path(config.out), GROUP, SOURCE)  # a publish killed half-way
+        recover_publish(Path(config.out), GROUP, SOURCE, fsync=config.fsync)  # a publish killed half-way
         return _convert_locked(config, images, labels, paths, start_time, progress)
 
 
@@ -143,7 +144,7 @@ def _convert_locked(config: MnistConfig, images: np.ndarray, labels: np.ndarray,
     if done is not None:
         return source_result(done, "up to date", start_time)
     per_class = [np.flatnonzero(labels == c) for c in range(_NUM_CLASSES)]
-    writer = SourceWriter(out, GROUP, SOURCE, fingerprint=fingerprint)
+    writer = SourceWriter(out, GROUP, SOURCE, fingerprint=fingerprint, fsync=config.fsync)
     resume = writer.last_committed
     try:
         for c, rows in enumerate(per_class):
@@ -164,7 +165,9 @@ def _convert_locked(config: MnistConfig, images: np.ndarray, labels: np.ndarray,
             "benchmark": "md-v1",
             "dataset_spec": spec,
             "sampling_spec": spec,
-            "extra": {"fingerprint": fingerprint, "convert_config": dataclasses.asdict(config),
+            # --fsync is left out of the saved config: it never changes the output.
+            "extra": {"fingerprint": fingerprint,
+                      "convert_config": {k: v for k, v in dataclasses.asdict(config).items() if k != "fsync"},
                       "image_format": "png" if config.lossless else "jpg"},
         })
     finally:

@@ -2,8 +2,9 @@
 
 Framing (per record, little-endian): uint64 length N, uint32 masked CRC32C of those 8 bytes, N payload
 bytes, uint32 masked CRC32C of the payload. Both CRCs are always checked. The Example parser is a small
-protobuf wire-format walker: map entries in any order, int64 lists packed or not, unknown fields skipped.
-Every error is a `RecordError` whose one-line message names the file and the record index.
+protobuf wire-format walker: map entries in any order, int64 lists packed or not, unknown fields skipped;
+`read_md_example` first tries the one layout TF writes for MD records and falls back to the walker for any
+other. Every error is a `RecordError` whose one-line message names the file and the record index.
 """
 
 from __future__ import annotations
@@ -116,19 +117,19 @@ def _iter_buffer(buf: memoryview, name: str) -> Iterator[memoryview]:
     index, pos, end = 0, 0, len(buf)
     header_size, crc_size = _HEADER.size, _CRC.size
     while pos < end:
-        where = f"{name}: record {index} (byte {pos})"
         if end - pos < header_size:
-            raise RecordError(f"{where}: truncated length header ({end - pos} of {header_size} bytes)")
+            raise RecordError(f"{name}: record {index} (byte {pos}): truncated length header "
+                              f"({end - pos} of {header_size} bytes)")
         length, length_crc = _HEADER.unpack_from(buf, pos)
         if masked_crc(buf[pos:pos + 8]) != length_crc:
-            raise RecordError(f"{where}: length CRC mismatch (corrupt header)")
+            raise RecordError(f"{name}: record {index} (byte {pos}): length CRC mismatch (corrupt header)")
         start = pos + header_size
         if start + length + crc_size > end:
-            raise RecordError(f"{where}: truncated, header announces {length} payload bytes but the file "
-                              f"ends {end - start} bytes later")
+            raise RecordError(f"{name}: record {index} (byte {pos}): truncated, header announces {length} payload "
+                              f"bytes but the file ends {end - start} bytes later")
         payload = buf[start:start + length]
         if masked_crc(payload) != _CRC.unpack_from(buf, start + length)[0]:
-            raise RecordError(f"{where}: payload CRC mismatch")
+            raise RecordError(f"{name}: record {index} (byte {pos}): payload CRC mismatch")
         yield payload
         pos = start + length + crc_size
         index += 1
@@ -234,12 +235,82 @@ def parse_example(payload: bytes | memoryview) -> dict[str, list]:
     return features
 
 
+# The two map entries of an MD record as TF writes them: tag + length of the key "image" / "label", then the
+# tag of the entry's Feature value (field 2, LEN).
+_IMAGE_KEY, _LABEL_KEY = b"\x0a\x05image\x12", b"\x0a\x05label\x12"
+
+
+def _md_example_fast(buf: bytes | memoryview) -> tuple[bytes | memoryview, int] | None:
+    """(image bytes, label) of an Example laid out exactly as TF writes an MD record, else None.
+
+    Accepted: Example{features (1)} spanning the payload, holding exactly two map entries (1), in either order:
+    {key "image", Feature{bytes_list (1){value (1): one bytes}}} and {key "label", Feature{int64_list (3){value
+    (1): one packed or unpacked varint}}}, each field spanning its parent to the byte. This is the result
+    `parse_example` gives for such a payload; anything else (other fields, more values, other encodings,
+    malformed data) returns None so that `parse_example` decides, and words any error.
+    """
+    try:
+        return _md_example_layout(buf)
+    except (ValueError, IndexError):  # malformed
+        return None
+
+
+def _md_example_layout(buf: bytes | memoryview) -> tuple[bytes | memoryview, int] | None:
+    end = len(buf)
+    if end < 2 or buf[0] != 0x0A:
+        return None
+    n, pos = _varint(buf, 1, end)
+    if pos + n != end:
+        return None
+    image = label = None
+    while pos < end:  # one map entry per iteration
+        if buf[pos] != 0x0A:
+            return None
+        n, pos = _varint(buf, pos + 1, end)
+        stop = pos + n
+        if stop > end or stop - pos < 8:
+            return None
+        key = buf[pos:pos + 8]
+        n, pos = _varint(buf, pos + 8, stop)  # the Feature
+        if pos + n != stop or pos >= stop:
+            return None
+        kind = buf[pos]  # 0x0A: bytes_list, 0x1A: int64_list
+        n, pos = _varint(buf, pos + 1, stop)
+        if pos + n != stop or pos >= stop:
+            return None
+        if key == _IMAGE_KEY and kind == 0x0A and image is None and buf[pos] == 0x0A:
+            n, pos = _varint(buf, pos + 1, stop)
+            if pos + n != stop:
+                return None
+            image = buf[pos:stop]
+        elif key == _LABEL_KEY and kind == 0x1A and label is None and buf[pos] in (0x08, 0x0A):
+            if buf[pos] == 0x0A:  # packed: a length, then the varint
+                n, pos = _varint(buf, pos + 1, stop)
+                if pos + n != stop:
+                    return None
+            else:
+                pos += 1
+            value, pos = _varint(buf, pos, stop)
+            if pos != stop:
+                return None
+            label = _signed64(value)
+        else:
+            return None
+        pos = stop
+    if image is None or label is None:
+        return None
+    return image, label
+
+
 def read_md_example(payload: bytes | memoryview, where: str) -> tuple[bytes | memoryview, int]:
     """An MD record's (image bytes, label): exactly one `image` bytes value and one `label` int64.
 
     Raises:
         RecordError: `f"{where}: <problem>"`.
     """
+    fast = _md_example_fast(payload)
+    if fast is not None:
+        return fast
     try:
         features = parse_example(payload)
     except (ValueError, UnicodeDecodeError, struct.error) as e:

@@ -137,13 +137,20 @@ def _write_atomic(path: Path, write) -> None:
         _fail(f"{path}: cannot write: {e.strerror or e}")
 
 
-def _device(name: str) -> str:
+def _device(name: str, tf32: bool = False) -> str:
+    """The torch device for --device; on CUDA also the float32 policy (`set_tf32`: off unless --tf32)."""
     import torch
 
+    from lite_train.train.config import set_tf32
+
     if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         _fail(f"--device {name}: no CUDA device on this machine")
+    if tf32 and not name.startswith("cuda"):
+        _fail(f"--tf32: TF32 is a CUDA setting; the device is {name}")
+    if name.startswith("cuda"):
+        set_tf32(tf32)
     return name
 
 
@@ -173,13 +180,16 @@ def train(
     max_query_train: int = typer.Option(10, help="Query images per class at most (MD's max_num_query)."),
     val_freq: int = typer.Option(5000, help="Validate every this many tasks (never after the last)."),
     val_episodes: int = typer.Option(200, help="Episodes per validation source."),
-    lite_scale: bool = typer.Option(False, help="Multiply the H-subset gradient by N/H (unbiased estimator)."),
+    lite_scale: bool = typer.Option(False, help="Multiply the H-subset gradient by N/H (the paper's "
+                                    "estimator; docs/fidelity.md M3 says where it is unbiased)."),
     backbone_weights: Optional[Path] = typer.Option(None, help="EfficientNet-B0 weights [default: random]."),
     calibration_images: int = typer.Option(0, min=0, help="Random backbone: set its BN statistics from this "
                                            "many training images first."),
     seed: int = typer.Option(0),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:K (torchrun: each process its own GPU)."),
     bf16: bool = typer.Option(False, help="bfloat16 autocast (CUDA only)."),
+    tf32: bool = typer.Option(False, help="CUDA: TF32 float32 convolutions/matmuls (faster; moves LITE's "
+                              "logits beyond float32 rounding, docs/fidelity.md)."),
     num_workers: int = typer.Option(2, min=0, help="Episode decode processes."),
     checkpoint_every: int = typer.Option(1000, help="Tasks between checkpoint.pt writes."),
     resume: bool = typer.Option(False, help="Continue the run in --out from its checkpoint.pt (same flags)."),
@@ -191,7 +201,7 @@ def train(
     from manifests import ManifestError
 
     try:
-        dev = _device(device)
+        dev = _device(device, tf32)
         if dev == "cuda" and "LOCAL_RANK" in os.environ:
             dev = f"cuda:{os.environ['LOCAL_RANK']}"
         train_sources, missing = resolve_sources(data, _names(sources), MD_V2_TRAIN, "training")
@@ -215,7 +225,7 @@ def train(
             max_query_train=max_query_train, val_freq=val_freq, val_episodes=val_episodes, lite_scale=lite_scale,
             backbone_weights=None if backbone_weights is None else str(backbone_weights),
             calibration_images=calibration_images, seed=seed,
-            device=dev, bf16=bf16, num_workers=num_workers, checkpoint_every=checkpoint_every)
+            device=dev, bf16=bf16, tf32=tf32, num_workers=num_workers, checkpoint_every=checkpoint_every)
         result = run_train(cfg, resume=resume, progress=sys.stderr.isatty())
     except (ValueError, ManifestError) as e:
         _fail(str(e))
@@ -240,6 +250,7 @@ def test(
                                                 "(untrained adaptation), side by side."),
     out: Path = typer.Option(Path("test-results"), help="Folder for test_results.json and test_results.png."),
     device: str = typer.Option("auto"),
+    tf32: bool = typer.Option(False, help="CUDA: TF32 float32 convolutions/matmuls (docs/fidelity.md)."),
     num_workers: int = typer.Option(2, min=0),
 ) -> None:
     """Test a model: accuracy mean ± 1.96·std/√n per source (table, JSON, PNG chart)."""
@@ -260,7 +271,7 @@ def test(
             _fail(f"{checkpoint}: no such file")
         size = image_size or saved_setting(checkpoint, "image_size") or 224
         run_test(checkpoint, str(data), test_sources, episodes=episodes, seed=seed, image_size=size,
-                 device=torch.device(_device(device)), chunk_size=chunk_size, num_workers=num_workers, out=out,
+                 device=torch.device(_device(device, tf32)), chunk_size=chunk_size, num_workers=num_workers, out=out,
                  identity_film_baseline=identity_film_baseline, progress=sys.stderr.isatty(), view=view)
     except (ValueError, ManifestError) as e:
         _fail(str(e))
@@ -276,6 +287,7 @@ def predict(
     image_size: Optional[int] = typer.Option(None, help="[default: the checkpoint's training size, else 224]"),
     chunk_size: int = typer.Option(40),
     device: str = typer.Option("auto"),
+    tf32: bool = typer.Option(False, help="CUDA: TF32 float32 convolutions/matmuls (docs/fidelity.md)."),
 ) -> None:
     """Classify the query images with the classes shown in the support folder."""
     import torch
@@ -286,7 +298,7 @@ def predict(
     try:
         if not checkpoint.is_file():
             _fail(f"{checkpoint}: no such file")
-        dev = torch.device(_device(device))
+        dev = torch.device(_device(device, tf32))
         size = image_size or saved_setting(checkpoint, "image_size") or 224
         model = load_model(checkpoint, dev)
         names, files, scores, hidden = predict_folders(model, support, query, size, dev, chunk_size)
@@ -310,6 +322,7 @@ def eval_vtab(
     out: Path = typer.Option(Path("vtab-results"), help="Folder for vtab_results.{json,csv,png} and tasks/."),
     resume: bool = typer.Option(False, help="Keep the tasks already scored in --out, score the rest."),
     device: str = typer.Option("auto"),
+    tf32: bool = typer.Option(False, help="CUDA: TF32 float32 convolutions/matmuls (docs/fidelity.md)."),
     num_workers: int = typer.Option(2, min=0, help="Decode worker processes."),
     label_misalignment_quirk: bool = typer.Option(False, help="Reference quirk: argmax column taken as the label "
                                                   "(wrong when a class is missing from the support set)."),
@@ -327,7 +340,7 @@ def eval_vtab(
     try:
         cfg = VtabEvalConfig(data=str(data), checkpoint=str(checkpoint), out=str(out), tasks=tuple(_names(tasks) or ()),
                              protocol=protocol, image_size=image_size, chunk_size=chunk_size, preprocess=preprocess,
-                             num_workers=num_workers, device=_device(device), resume=resume,
+                             num_workers=num_workers, device=_device(device, tf32), resume=resume,
                              label_misalignment_quirk=label_misalignment_quirk,
                              drop_last_query_quirk=drop_last_query_quirk)
         run_eval_vtab(cfg, progress=sys.stderr.isatty())

@@ -5,7 +5,10 @@ written by `manifests.writer.RunWriter`). `SourceStaging.finish()` links the run
 names, writes the manifests (streamed part by part, never the whole sample table in memory) and, last,
 `source.json`; `publish()` then swaps the staging folder into `<root>/<group>/<source>/`. Every step can be
 killed: opening a `SourceStaging` (or `recover_publish`) completes or undoes an interrupted publish, and a
-finished staging folder is published, not thrown away. A reader never sees a half-written source.
+finished staging folder is published, not thrown away. A reader never sees a half-written source. With
+`fsync=True` every data file and manifest is also fsynced before its rename and every folder after one, so
+that a published source survives a power loss too; without it (the default) a kill still loses nothing, and
+staged shards are re-checked before a rerun resumes (see `manifests.writer`).
 `SourceWriter` is the one-run front end (MNIST, tests, benchmarks); `output_lock` keeps a second converter
 out of an output root.
 """
@@ -17,16 +20,17 @@ import fcntl
 import json
 import os
 import shutil
+import zlib
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from manifests import schema
-from manifests.writer import (ClassRecord, RunWriter, _atomic_write_parquet, _fsync_dir, _write_error,
-                              atomic_write_bytes, source_dir, staging_dir)
+from manifests.writer import (ClassRecord, RunWriter, _arrow_array, _arrow_table, _atomic_write_parquet, _fsync_dir,
+                              _numpy_column, _read_table, _write_error, atomic_write_bytes, source_dir, staging_dir)
 
 _PLAN_FILE = "plan.json"
 _RUNS_DIR = "runs"
@@ -78,11 +82,15 @@ class SourceStaging:
         fingerprint: JSON-able description of the input and settings.
         runs: number of runs (see `plan_runs`); part of the plan.
         max_shard_samples / max_shard_bytes: shard limits; part of the plan.
+        fsync: fsync data files and manifests before their renames and folders after them (not part of
+            the plan: it never changes the bytes written).
+        crc32: the run writers' CRC-32 implementation (see `RunWriter`).
     """
 
     def __init__(self, root: Path, group: str, source: str, *, fingerprint: dict[str, Any], runs: int = 1,
                  max_shard_samples: int = schema.DEFAULT_MAX_SHARD_SAMPLES,
-                 max_shard_bytes: int = schema.DEFAULT_MAX_SHARD_BYTES):
+                 max_shard_bytes: int = schema.DEFAULT_MAX_SHARD_BYTES, fsync: bool = False,
+                 crc32: Callable[[bytes | memoryview], int] = zlib.crc32):
         schema.check_name("group", group)
         schema.check_name("source", source)
         if max_shard_samples < 1 or max_shard_bytes < 1:
@@ -93,6 +101,7 @@ class SourceStaging:
         self.old = _old_dir(self.root, group, source)
         self.runs = runs
         self.max_shard_samples, self.max_shard_bytes = max_shard_samples, max_shard_bytes
+        self.fsync, self.crc32 = fsync, crc32
         self.plan = json.loads(json.dumps(
             {"format_version": schema.FORMAT_VERSION, "max_shard_samples": max_shard_samples,
              "max_shard_bytes": max_shard_bytes, "runs": runs, "fingerprint": fingerprint}))
@@ -110,7 +119,7 @@ class SourceStaging:
         return info if info.extra.get("staging_plan") == self.plan else None
 
     def _recover(self) -> None:
-        recover_publish(self.root, self.group, self.source)
+        recover_publish(self.root, self.group, self.source, fsync=self.fsync)
 
     def _start_or_resume(self) -> None:
         self.resumed = True  # work of an earlier, interrupted run is kept
@@ -130,14 +139,15 @@ class SourceStaging:
             (self.stage / _RUNS_DIR).mkdir(parents=True)
         except OSError as e:
             raise _write_error(self.stage, "the staging folder", e) from None
-        atomic_write_bytes(plan_path, json.dumps(self.plan, sort_keys=True).encode(), "the conversion plan")
+        atomic_write_bytes(plan_path, json.dumps(self.plan, sort_keys=True).encode(), "the conversion plan",
+                           fsync=self.fsync)
 
     def run_writer(self, run: int) -> RunWriter:
         """The writer of run `run` (0 <= run < runs), resuming its committed shards."""
         if not 0 <= run < self.runs:
             raise ValueError(f"run {run} is not in 0..{self.runs - 1}")
         return RunWriter(_run_folder(self.stage, run), max_shard_samples=self.max_shard_samples,
-                         max_shard_bytes=self.max_shard_bytes)
+                         max_shard_bytes=self.max_shard_bytes, fsync=self.fsync, crc32=self.crc32)
 
     # -- finishing ----------------------------------------------------------------------------------------
     def _parts(self) -> list[Path]:
@@ -178,17 +188,18 @@ class SourceStaging:
                     "shape": (num_samples,)})
                 out = pq.ParquetWriter(samples_file, schema.SAMPLE_SCHEMA, compression="zstd")
                 for g, path in enumerate(parts):
-                    part = pq.read_table(path)
-                    part = part.set_column(part.schema.get_field_index("shard"), schema.SAMPLE_SCHEMA.field("shard"),
-                                           pa.array(np.full(part.num_rows, g, np.int32)))
+                    part = _read_table(path)
+                    shard = schema.SAMPLE_SCHEMA.field("shard")
+                    part = part.set_column(part.schema.get_field_index("shard"), shard,
+                                           _arrow_array(shard, np.full(part.num_rows, g, np.int32)))
                     out.write_table(part, row_group_size=_PARQUET_BATCH)
-                    class_ids = part["class_id"].to_numpy()
+                    class_ids = _numpy_column(part, "class_id")
                     if class_ids.size and (class_ids.min() < 0 or class_ids.max() >= len(counts)):
                         raise ValueError(f"{path}: class ids outside the {len(classes)} classes given")
                     counts += np.bincount(class_ids, minlength=len(counts))
                     rows = np.empty(part.num_rows, dtype=schema.INDEX_DTYPE)  # (rows,) of this part
                     for field in ("offset", "size", "shard"):
-                        rows[field] = part[field].to_numpy()
+                        rows[field] = _numpy_column(part, field)
                     index_file.write(rows.tobytes())
                     name = schema.shard_name(self.source, g)
                     target = self.stage / name
@@ -201,11 +212,12 @@ class SourceStaging:
                 out.close()
                 for f in (index_file, samples_file):
                     f.flush()
-                    os.fsync(f.fileno())
+                    if self.fsync:
+                        os.fsync(f.fileno())
         except OSError as e:
             raise _write_error(self.stage, "the sample manifests (samples.parquet, index.npy)", e) from None
         class_table = self._class_table(classes, counts, num_samples)
-        _atomic_write_parquet(class_table, self.stage / schema.CLASSES_FILE, "the class manifest")
+        _atomic_write_parquet(class_table, self.stage / schema.CLASSES_FILE, "the class manifest", fsync=self.fsync)
         try:
             os.replace(samples_path.with_name(samples_path.name + ".tmp"), samples_path)
             os.replace(index_path.with_name(index_path.name + ".tmp"), index_path)
@@ -221,8 +233,10 @@ class SourceStaging:
             classes_per_split={s: splits.count(s) for s in schema.SPLITS},
             shards=tuple(shards), **dict(info, extra=extra),
         )
-        _fsync_dir(self.stage)
-        atomic_write_bytes(self.stage / schema.SOURCE_FILE, source_info.to_json().encode(), "source.json")
+        if self.fsync:  # the shard links and renamed manifests before source.json marks the folder finished
+            _fsync_dir(self.stage)
+        atomic_write_bytes(self.stage / schema.SOURCE_FILE, source_info.to_json().encode(), "source.json",
+                           fsync=self.fsync)
         return source_info
 
     def _class_table(self, classes: Sequence[ClassRecord], counts: np.ndarray, num_samples: int) -> pa.Table:
@@ -241,7 +255,7 @@ class SourceStaging:
             start += c.num_images
         if start != num_samples:
             raise ValueError(f"{num_samples} samples written, classes account for {start}")
-        return pa.Table.from_pydict(rows, schema=schema.CLASS_SCHEMA)
+        return _arrow_table(schema.CLASS_SCHEMA, rows)
 
     def publish(self) -> None:
         """Move a finished staging folder into place; an existing source is replaced, never half-deleted.
@@ -262,21 +276,22 @@ class SourceStaging:
         self._swap_in()
 
     def _swap_in(self) -> None:
-        _swap_in(self.stage, self.final, self.old)
+        _swap_in(self.stage, self.final, self.old, self.fsync)
 
 
 def _old_dir(root: Path, group: str, source: str) -> Path:
     return Path(root) / group / f".{source}{_OLD_SUFFIX}"
 
 
-def _swap_in(stage: Path, final: Path, old: Path) -> None:
+def _swap_in(stage: Path, final: Path, old: Path, fsync: bool) -> None:
     os.replace(stage, final)
-    _fsync_dir(final.parent)
+    if fsync:
+        _fsync_dir(final.parent)
     if old.exists():
         shutil.rmtree(old)
 
 
-def recover_publish(root: Path, group: str, source: str) -> bool:
+def recover_publish(root: Path, group: str, source: str, *, fsync: bool = False) -> bool:
     """Complete or undo a publish that was killed between its steps; True when it published a source.
 
     `.<source>.old` exists only while a publish runs. With the source in place, only the old copy is left to
@@ -290,7 +305,7 @@ def recover_publish(root: Path, group: str, source: str) -> bool:
         shutil.rmtree(old)
         return False
     if (stage / schema.SOURCE_FILE).is_file():
-        _swap_in(stage, final, old)
+        _swap_in(stage, final, old, fsync)
         return True
     os.replace(old, final)
     return False
@@ -307,13 +322,15 @@ class SourceWriter:
             interrupted run is resumed only if its fingerprint is equal; otherwise it is discarded.
         max_shard_samples / max_shard_bytes: a shard is closed as soon as it holds this many samples or
             this many bytes of image data.
+        fsync: fsync every file and folder before it counts (see `SourceStaging`).
     """
 
     def __init__(self, root: Path, group: str, source: str, *, fingerprint: dict[str, Any],
                  max_shard_samples: int = schema.DEFAULT_MAX_SHARD_SAMPLES,
-                 max_shard_bytes: int = schema.DEFAULT_MAX_SHARD_BYTES):
+                 max_shard_bytes: int = schema.DEFAULT_MAX_SHARD_BYTES, fsync: bool = False):
         self.staging = SourceStaging(root, group, source, fingerprint=fingerprint, runs=1,
-                                     max_shard_samples=max_shard_samples, max_shard_bytes=max_shard_bytes)
+                                     max_shard_samples=max_shard_samples, max_shard_bytes=max_shard_bytes,
+                                     fsync=fsync)
         self.stage, self.final = self.staging.stage, self.staging.final
         self._run = None if self.staging.finished_info() is not None else self.staging.run_writer(0)
 

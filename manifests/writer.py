@@ -4,12 +4,18 @@ Runs. A source's classes are cut into *runs* of consecutive classes (`plan_runs`
 input); a shard never spans a run boundary, so runs can be written by separate processes in any order and
 the result is byte-identical whatever the number of workers (`manifests.staging` assembles them).
 
-In a run folder a shard is written as `<n>.tar.tmp`, fsynced and renamed to `<n>.tar`, and only then is its
-part of the sample manifest (`<n>.parquet`) written, also atomically; this commit runs on a background thread
-while the next shard is written (the disk flushes one shard while the CPU fills the next). After a crash or a kill, `RunWriter`
-keeps the committed shards that are still byte for byte what their part describes (size, member headers,
-every sample's crc32; the first damaged one and everything after it are dropped), and reports the last
-committed sample so the converter continues right after it.
+In a run folder a shard is written as `<n>.tar.tmp` and renamed to `<n>.tar`, and only then is its part of the
+sample manifest (`<n>.parquet`) written, also atomically; this commit runs on a background thread while the
+next shard is written. After a crash or a kill, `RunWriter` keeps the committed shards that are still byte for
+byte what their part describes (size, member headers, every sample's crc32; the first damaged one and
+everything after it are dropped), and reports the last committed sample so the converter continues right
+after it.
+
+Durability (`fsync`, off by default). A killed process (SIGKILL, SIGTERM, Ctrl-C) loses nothing it wrote: the
+kernel keeps its page cache, and the renames order what a rerun sees. Only a power loss or an OS crash can
+lose written pages, and then the re-check above finds what is missing or damaged. With `fsync=True` the
+shard is also fsynced before its rename, and its folder and the part after it, so that a committed shard
+survives a power loss as well (at the disk's write-back speed, see BENCHMARKS.md).
 
 Every write failure (a full disk) is an `OSError` whose message names the file and what was being written.
 """
@@ -23,8 +29,9 @@ import tarfile
 import threading
 import zlib
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -33,7 +40,10 @@ from manifests import schema
 _BLOCK = 512
 _RECORD = 20 * _BLOCK  # tar files are padded to whole records, as GNU tar and Python's tarfile do
 _END = b"\0" * (2 * _BLOCK)
-_JOIN_BELOW = 1 << 14  # image bytes below which a sample is written with one call
+# Shard files are buffered in chunks smaller than most images: headers, labels, padding and small images are
+# gathered into few write calls, while a larger image is written straight from the record buffer (Python's
+# BufferedWriter passes a write that does not fit its buffer to the OS without copying it).
+_WRITE_BUFFER = 1 << 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,29 +62,76 @@ def _write_error(path: Path, what: str, error: OSError) -> OSError:
     return OSError(f"{path}: cannot write {what}: {error.strerror or error}")
 
 
-def atomic_write_bytes(path: Path, data: bytes, what: str = "a file") -> None:
-    """Write `data` to `path` via a fsynced temporary file and a rename."""
+def atomic_write_bytes(path: Path, data: bytes, what: str = "a file", *, fsync: bool = True) -> None:
+    """Write `data` to `path` via a temporary file (fsynced if `fsync`) and a rename."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            if fsync:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
         raise _write_error(path, what, e) from None
 
 
-def _atomic_write_parquet(table: pa.Table, path: Path, what: str = "a manifest") -> None:
+def _atomic_write_parquet(table: pa.Table, path: Path, what: str = "a manifest", *, fsync: bool = True) -> None:
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "wb") as f:
             pq.write_table(table, f, compression="zstd")
             f.flush()
-            os.fsync(f.fileno())
+            if fsync:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
         raise _write_error(path, what, e) from None
+
+
+def _read_table(path: Path) -> pa.Table:
+    """A whole Parquet file as a table (`pq.read_table` would import pandas, see `_arrow_table`)."""
+    with pq.ParquetFile(path) as f:
+        return f.read()
+
+
+# NumPy dtype of each fixed-width Arrow type the manifests use.
+_NUMPY_TYPES = {pa.int32(): np.int32, pa.int64(): np.int64, pa.uint32(): np.uint32}
+
+
+def _arrow_array(field: pa.Field, values) -> pa.Array:
+    """`values` (a list, None for a null, or a NumPy array) as an Arrow array of `field`'s type (string or one
+    of `_NUMPY_TYPES`), built from buffers: `pa.array` imports pandas on its first call, which would dominate
+    the start-up of every converter process."""
+    n = len(values)
+    if field.type == pa.string():
+        data = [v.encode() for v in values]
+        offsets = np.zeros(n + 1, dtype=np.int32)  # (n + 1,) byte offset of each value in the joined data
+        np.cumsum([len(d) for d in data], out=offsets[1:])
+        return pa.Array.from_buffers(pa.string(), n, [None, pa.py_buffer(offsets), pa.py_buffer(b"".join(data))])
+    dtype = _NUMPY_TYPES[field.type]
+    if isinstance(values, np.ndarray) or None not in values:
+        return pa.Array.from_buffers(field.type, n, [None, pa.py_buffer(np.ascontiguousarray(values, dtype=dtype))])
+    valid = np.array([v is not None for v in values])  # (n,) bool
+    data = np.array([0 if v is None else v for v in values], dtype=dtype)
+    return pa.Array.from_buffers(field.type, n, [pa.py_buffer(np.packbits(valid, bitorder="little")),
+                                                 pa.py_buffer(data)], null_count=int(n - valid.sum()))
+
+
+def _arrow_table(table_schema: pa.Schema, columns: dict) -> pa.Table:
+    """A table of `table_schema` from {field name: values} (see `_arrow_array`)."""
+    return pa.Table.from_arrays([_arrow_array(f, columns[f.name]) for f in table_schema], schema=table_schema)
+
+
+def _numpy_column(table: pa.Table, name: str) -> np.ndarray:
+    """A fixed-width column without nulls as a NumPy array (shape (rows,)), read from the Arrow buffers
+    (`to_numpy` imports pandas, see `_arrow_array`)."""
+    dtype = np.dtype(_NUMPY_TYPES[table.schema.field(name).type])
+    chunks = [c for c in table[name].chunks if len(c)]
+    if any(c.null_count for c in chunks):
+        raise ValueError(f"column {name!r} holds nulls")
+    return np.concatenate([np.zeros(0, dtype)] + [np.frombuffer(c.buffers()[1], dtype, len(c),
+                                                                c.offset * dtype.itemsize) for c in chunks])
 
 
 def _fsync_dir(path: Path) -> None:
@@ -128,9 +185,9 @@ def _shard_size(end_of_last_member: int) -> int:
 
 
 def warm_up() -> None:
-    """Pay pyarrow's one-time costs (its first Python conversion imports pandas; the first Parquet write sets
-    up the codec) in this process, so that processes forked from it do not each pay them again."""
-    table = pa.Table.from_pylist([], schema=schema.SAMPLE_SCHEMA)
+    """Pay pyarrow's one-time costs (the first Parquet write sets up the codec) in this process, so that
+    processes forked from it do not each pay them again."""
+    table = _arrow_table(schema.SAMPLE_SCHEMA, {f.name: [] for f in schema.SAMPLE_SCHEMA})
     pq.write_table(table, pa.BufferOutputStream(), compression="zstd")
 
 
@@ -178,11 +235,16 @@ class RunWriter:
             damaged one and all later ones are dropped, as are uncommitted files.
         max_shard_samples / max_shard_bytes: a shard is closed as soon as it holds this many samples or
             this many bytes of image data.
+        fsync: also fsync each shard before its rename, the run folder and each part (see the module doc).
+        crc32: computes the samples' `crc32` column and re-checks staged shards; any implementation of
+            zlib's CRC-32 (the converter passes ISA-L's, which is faster than zlib's).
     """
 
-    def __init__(self, folder: Path, *, max_shard_samples: int, max_shard_bytes: int):
+    def __init__(self, folder: Path, *, max_shard_samples: int, max_shard_bytes: int, fsync: bool = False,
+                 crc32: Callable[[bytes | memoryview], int] = zlib.crc32):
         self.folder = Path(folder)
         self.max_shard_samples, self.max_shard_bytes = max_shard_samples, max_shard_bytes
+        self.fsync, self._crc32 = fsync, crc32
         self.folder.mkdir(parents=True, exist_ok=True)
         self._committed: list[tuple[int, tuple[int, int]]] = []  # per shard: (rows, last (class, index))
         self._keep_checked_shards()
@@ -198,10 +260,10 @@ class RunWriter:
         n = 0
         while (self.folder / f"{n:06d}.parquet").is_file():
             try:
-                part = pq.read_table(self.folder / f"{n:06d}.parquet")
+                part = _read_table(self.folder / f"{n:06d}.parquet")
             except (OSError, pa.ArrowException):
                 break
-            if part.num_rows == 0 or not _shard_matches(self.folder / f"{n:06d}.tar", part):
+            if part.num_rows == 0 or not _shard_matches(self.folder / f"{n:06d}.tar", part, self._crc32):
                 break
             last = part.slice(part.num_rows - 1)
             self._committed.append((part.num_rows, (last["class_id"][0].as_py(), last["index_in_class"][0].as_py())))
@@ -238,13 +300,11 @@ class RunWriter:
         head = b"".join((_tar_header(f"{key}.{schema.LABEL_EXTENSION}", len(label)), label,
                          _padding(len(label)), _tar_header(f"{key}.{fmt}", size)))
         offset = self._pos + len(head)
+        f = self._file
         try:
-            if size < _JOIN_BELOW:  # one write call for small samples; large images are not copied again
-                self._file.write(b"".join((head, data, _padding(size))))
-            else:
-                self._file.write(head)
-                self._file.write(data)
-                self._file.write(_padding(size))
+            f.write(head)
+            f.write(data)  # a large image goes to the OS uncopied (_WRITE_BUFFER)
+            f.write(_padding(size))
         except OSError as e:
             raise _write_error(Path(self._file.name), f"shard data (sample {key})", e) from None
         self._pos = offset + size + (-size % _BLOCK)
@@ -255,7 +315,7 @@ class RunWriter:
         rows["offset"].append(offset)
         rows["size"].append(size)
         rows["format"].append(fmt)
-        rows["crc32"].append(zlib.crc32(data))
+        rows["crc32"].append(self._crc32(data))
         self._shard_bytes += size
         if len(rows["key"]) >= self.max_shard_samples or self._shard_bytes >= self.max_shard_bytes:
             self._close_shard()
@@ -263,7 +323,7 @@ class RunWriter:
     def _open_shard(self) -> None:
         path = self.folder / f"{self._next_shard:06d}.tar.tmp"
         try:
-            self._file = open(path, "wb", buffering=1 << 20)
+            self._file = open(path, "wb", buffering=_WRITE_BUFFER)
         except OSError as e:
             raise _write_error(path, "a new shard", e) from None
         self._pos = 0
@@ -271,8 +331,8 @@ class RunWriter:
         self._shard_bytes = 0
 
     def _close_shard(self) -> None:
-        """End the open shard and commit it on a background thread (fsync, rename, then its part), so that
-        the disk flushes it while the next shard is written; at most one commit is pending."""
+        """End the open shard and commit it on a background thread (fsync if asked, rename, then its part), so
+        that the disk flushes it while the next shard is written; at most one commit is pending."""
         f, index = self._file, self._next_shard
         try:
             f.write(_END + _padding(self._pos + len(_END), _RECORD))
@@ -283,7 +343,7 @@ class RunWriter:
         self._next_shard += 1
         # The part's shard column holds the run-local shard number; finish() renumbers it globally.
         rows = dict(self._rows, shard=[index] * len(self._rows["key"]))
-        table = pa.Table.from_pydict(rows, schema=schema.SAMPLE_SCHEMA)
+        table = _arrow_table(schema.SAMPLE_SCHEMA, rows)
         self._wait()
         errors: list[BaseException] = []
         thread = threading.Thread(target=self._commit, args=(f, index, table, errors), daemon=True)
@@ -294,13 +354,16 @@ class RunWriter:
         tmp = Path(f.name)
         try:
             try:
-                os.fsync(f.fileno())
+                if self.fsync:
+                    os.fsync(f.fileno())
                 f.close()
                 os.replace(tmp, self.folder / f"{index:06d}.tar")
-                _fsync_dir(self.folder)
+                if self.fsync:
+                    _fsync_dir(self.folder)
             except OSError as e:
                 raise _write_error(tmp, "the end of a shard", e) from None
-            _atomic_write_parquet(table, self.folder / f"{index:06d}.parquet", "a shard's manifest part")
+            _atomic_write_parquet(table, self.folder / f"{index:06d}.parquet", "a shard's manifest part",
+                                  fsync=self.fsync)
         except BaseException as e:  # noqa: BLE001 - raised again by _wait() in the writing thread
             errors.append(e)
 
@@ -332,24 +395,24 @@ class RunWriter:
             self._file = None
 
 
-def _shard_matches(path: Path, part: pa.Table) -> bool:
+def _shard_matches(path: Path, part: pa.Table, crc32: Callable[[bytes], int] = zlib.crc32) -> bool:
     """True when a committed shard is byte for byte what its part describes: the size, every member header
     and label, every image's offset and crc32, zero padding and end blocks."""
-    offsets, sizes = part["offset"].to_numpy(), part["size"].to_numpy()
-    last = int(offsets[-1] + sizes[-1])
+    offsets, sizes = part["offset"].to_pylist(), part["size"].to_pylist()
+    last = offsets[-1] + sizes[-1]
     try:
         with open(path, "rb", buffering=1 << 20) as f:
             if os.fstat(f.fileno()).st_size != _shard_size(last + (-last % _BLOCK)):
                 return False
             for key, class_id, fmt, offset, size, crc in zip(
                     part["key"].to_pylist(), part["class_id"].to_pylist(), part["format"].to_pylist(),
-                    offsets.tolist(), sizes.tolist(), part["crc32"].to_pylist()):
+                    offsets, sizes, part["crc32"].to_pylist()):
                 label = str(class_id).encode()
                 head = b"".join((_tar_header(f"{key}.{schema.LABEL_EXTENSION}", len(label)), label,
                                  _padding(len(label)), _tar_header(f"{key}.{fmt}", size)))
                 if f.read(len(head)) != head or f.tell() != offset:
                     return False
-                if zlib.crc32(f.read(size)) != crc or any(f.read(-size % _BLOCK)):
+                if crc32(f.read(size)) != crc or any(f.read(-size % _BLOCK)):
                     return False
             return not any(f.read())
     except OSError:

@@ -3,11 +3,15 @@ loads LITE's state dict strictly, runs `predict` on the episode in float32 and f
 and every intermediate, then runs one `lite_task_backward` with the reference's gradient subset and compares
 loss and every gradient. Prints one line per comparison and exits non-zero if any is out of tolerance.
 
-    .venv/bin/python tools/check_lite_reference.py [REFERENCE_DIR]
+    .venv/bin/python tools/check_lite_reference.py [REFERENCE_DIR] [--device cuda] [--no-tf32]
+
+On CUDA, PyTorch runs float32 convolutions in TF32 by default (cuDNN); `--no-tf32` turns that off so the
+float32 comparison measures float32 arithmetic.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -34,17 +38,19 @@ def compare(name: str, ours: torch.Tensor, ref: torch.Tensor, tol: float, relati
     print(f"{'ok  ' if ok else 'FAIL'} {name}: max|diff| {diff:.3g} (tol {tol:g}{' x max ' + format(scale, '.3g') if relative_to_max else ''})")
 
 
-def check_test_path(ref_dir: Path, dtype: torch.dtype, suffix: str, logit_tol: float, tol: float):
+def check_test_path(ref_dir: Path, dtype: torch.dtype, suffix: str, logit_tol: float, tol: float,
+                    device: torch.device):
     episode = torch.load(ref_dir / "episode.pt", weights_only=True, map_location="cpu")
     state = torch.load(ref_dir / "state_dict.pt", weights_only=True, map_location="cpu")
     ref = torch.load(ref_dir / f"intermediates{suffix}.pt", weights_only=True, map_location="cpu")
     ref_logits = torch.load(ref_dir / f"logits{suffix}.pt", weights_only=True, map_location="cpu")
     model = LiteModel()
     model.load_state_dict(state, strict=True)
-    model = model.to(dtype)
-    s, q = episode["support_images"].to(dtype), episode["query_images"].to(dtype)
-    details = model.predict_details(s, episode["support_labels"], q)
-    logits = model.predict(s, episode["support_labels"], q)
+    model = model.to(device=device, dtype=dtype)
+    s, q = episode["support_images"].to(device, dtype), episode["query_images"].to(device, dtype)
+    labels = episode["support_labels"].to(device)
+    details = model.predict_details(s, labels, q)
+    logits = model.predict(s, labels, q)
     tag = str(dtype).replace("torch.", "")
     compare(f"{tag} logits", logits, ref_logits, logit_tol)
     compare(f"{tag} support_embeddings", details["support_embeddings"], ref["support_embeddings"], tol)
@@ -59,16 +65,17 @@ def check_test_path(ref_dir: Path, dtype: torch.dtype, suffix: str, logit_tol: f
     compare(f"{tag} query_features", details["query_features"], ref["query_features"], tol)
 
 
-def check_train_step(ref_dir: Path):
+def check_train_step(ref_dir: Path, device: torch.device):
     episode = torch.load(ref_dir / "episode.pt", weights_only=True, map_location="cpu")
     state = torch.load(ref_dir / "state_dict.pt", weights_only=True, map_location="cpu")
     ref = torch.load(ref_dir / "train_step.pt", weights_only=True, map_location="cpu")
     model = LiteModel()
     model.load_state_dict(state, strict=True)
-    model.train()
-    stats = lite_task_backward(model, episode["support_images"], episode["support_labels"],
-                               episode["query_images"], episode["query_labels"], h=ref["h"], chunk_size=40,
-                               tasks_per_step=16, subsets=[ref["grad_indices"]])
+    model.to(device).train()
+    e = {k: v.to(device) for k, v in episode.items() if isinstance(v, torch.Tensor)}
+    stats = lite_task_backward(model, e["support_images"], e["support_labels"], e["query_images"],
+                               e["query_labels"], h=ref["h"], chunk_size=40, tasks_per_step=16,
+                               subsets=[ref["grad_indices"].to(device)])
     print(f"loss ours {stats['loss']:.7f} ref {ref['loss']:.7f}; accuracy ours {stats['accuracy']:.3f} "
           f"ref {ref['accuracy']:.3f}")
     compare("train loss", torch.tensor(stats["loss"]), torch.tensor(ref["loss"]), 1e-3, relative_to_max=True)
@@ -80,7 +87,7 @@ def check_train_step(ref_dir: Path):
               f"ref-only {sorted(set(ref['grads']) - trainable)[:3]}")
     worst = 0.0
     for name, g in ref["grads"].items():
-        ours = params[name].grad
+        ours = None if params[name].grad is None else params[name].grad.detach().cpu()
         if ours is None:
             failures.append(name)
             print(f"FAIL grad {name}: no gradient")
@@ -102,14 +109,24 @@ def check_train_step(ref_dir: Path):
 
 
 def main() -> int:
-    ref_dir = Path(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT_DIR
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("ref_dir", nargs="?", type=Path, default=DEFAULT_DIR)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--no-tf32", action="store_true", help="CUDA: float32 convolutions and matmuls in float32")
+    args = ap.parse_args()
+    ref_dir, device = args.ref_dir, torch.device(args.device)
+    if args.no_tf32:
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+    print(f"device {device}" + (f" ({torch.cuda.get_device_name(device)}, cuDNN TF32 "
+                                f"{torch.backends.cudnn.allow_tf32})" if device.type == "cuda" else ""))
     if not (ref_dir / "meta.json").is_file():
         print(f"{ref_dir}: not a LITE reference folder (no meta.json)", file=sys.stderr)
         return 2
     torch.manual_seed(0)
-    check_test_path(ref_dir, torch.float32, "", logit_tol=1e-3, tol=1e-3)
-    check_test_path(ref_dir, torch.float64, "_f64", logit_tol=1e-8, tol=1e-8)
-    check_train_step(ref_dir)
+    check_test_path(ref_dir, torch.float32, "", logit_tol=1e-3, tol=1e-3, device=device)
+    check_test_path(ref_dir, torch.float64, "_f64", logit_tol=1e-8, tol=1e-8, device=device)
+    check_train_step(ref_dir, device)
     print("all within tolerance" if not failures else f"{len(failures)} comparisons out of tolerance")
     return 1 if failures else 0
 

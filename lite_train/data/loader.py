@@ -33,6 +33,7 @@ import dataclasses
 import hashlib
 import math
 import os
+import signal
 import warnings
 import weakref
 from typing import Iterator, Sequence, TypedDict
@@ -255,6 +256,13 @@ class _DecodeDataset(Dataset):
 
 def _worker_init(_worker_id: int) -> None:
     torch.set_num_threads(1)  # one decode per process: intra-op threads would only contend
+    # A signal to the whole process group (Ctrl-C in a terminal, `timeout`, a cluster's SIGTERM before
+    # preemption) is the main process's to handle: the trainer finishes its task, checkpoints, then shuts the
+    # workers down. torch's worker start-up makes SIGTERM fatal, so without this the workers die first and
+    # the main process fails on a dead worker instead of checkpointing. Workers still end with the main
+    # process (the loader's shutdown, or torch's watchdog when the main process is gone).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _episode(plan: EpisodePlan, support: torch.Tensor, query: torch.Tensor, pin: bool) -> Episode:

@@ -41,7 +41,7 @@ class TrainConfig:
     max_query_train: int = 10  # query images per class at most (MD's max_num_query; not a reference flag)
     val_freq: int = 5000  # validate every val_freq tasks (not after the last one), as the reference
     val_episodes: int = 200  # episodes per validation source
-    lite_scale: bool = False  # multiply the subset gradient by N/H (the paper's unbiased estimator)
+    lite_scale: bool = False  # multiply the subset gradient by N/H (the paper's estimator; fidelity.md M3)
     backbone_weights: str | None = None  # EfficientNet weights file; None = random backbone
     # Random backbone only: before training, set its BN running statistics from the first this-many images of
     # the training stream (model.calibrate_batch_norm); without it a random backbone's features hardly depend
@@ -50,6 +50,7 @@ class TrainConfig:
     seed: int = 0  # model init, episode stream, LITE subsets: every random draw derives from it
     device: str = "cpu"  # resolved torch device string
     bf16: bool = False  # CUDA only: bfloat16 autocast for the forward passes
+    tf32: bool = False  # CUDA only: TF32 for float32 convolutions and matmuls (`set_tf32`; off = float32 as LITE)
     num_workers: int = 2  # episode-loader decode processes
     checkpoint_every: int = 1000  # tasks between checkpoint.pt writes (also on SIGTERM/Ctrl-C and at the end)
 
@@ -70,6 +71,8 @@ class TrainConfig:
             raise ValueError("calibration_images is for a random backbone only (>= 0, no backbone_weights)")
         if self.bf16 and not self.device.startswith("cuda"):
             raise ValueError("bf16 autocast needs a CUDA device")
+        if self.tf32 and not self.device.startswith("cuda"):
+            raise ValueError("tf32 needs a CUDA device")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -92,6 +95,16 @@ class TrainConfig:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1, sort_keys=True) + "\n"
+
+
+def set_tf32(enabled: bool) -> None:
+    """TF32 for CUDA float32 convolutions (cuDNN) and matmuls, process-wide. PyTorch turns it on for cuDNN
+    convolutions by default; with it LITE's float32 logits move far beyond float32 rounding (docs/fidelity.md,
+    "CUDA"), so `lite-train` turns it off unless `--tf32` asks for it. No effect on CPU."""
+    import torch
+
+    torch.backends.cudnn.allow_tf32 = enabled
+    torch.backends.cuda.matmul.allow_tf32 = enabled
 
 
 def converted_sources(data: str | Path) -> set[str]:

@@ -35,7 +35,7 @@ import torch
 from lite_train.data.episode_description import EpisodeDescriptionConfig
 from lite_train.data.loader import EpisodeLoaderConfig, make_episode_loader
 from lite_train.train import checkpoint as ckpt
-from lite_train.train.config import TrainConfig
+from lite_train.train.config import TrainConfig, set_tf32
 from lite_train.train.evaluate import SourceResult, better_on_half, evaluate
 from lite_train.train.logs import (METRICS_COLUMNS, METRICS_FILE, VALIDATION_COLUMNS, VALIDATION_FILE, CsvLog,
                                    EventWriter)
@@ -225,6 +225,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
         ValueError: bad run folder, checkpoint or data (the message names the file).
     """
     device = torch.device(cfg.device)
+    if device.type == "cuda":
+        set_tf32(cfg.tf32)
     dist = _Dist(device)
     if cfg.tasks_per_step % dist.world or cfg.iterations % dist.world:
         raise ValueError(f"tasks_per_step ({cfg.tasks_per_step}) and iterations ({cfg.iterations}) must be "

@@ -102,8 +102,9 @@ def lite_task_backward(model: LiteModel, support_images: torch.Tensor, support_l
     subsets: one index tensor of length min(h, N) per query chunk, pinning the gradient rows; otherwise each
       chunk draws `torch.randperm(N, generator=generator)` and takes its first h (a CPU generator).
     lite_scale: multiply the gradient through the h subset rows by N / h (set-encoder embeddings and
-      support features), the paper's unbiased estimator of the full-support gradient; the reference code
-      does not scale (False, default).
+      support features), the paper's estimator of the full-support gradient (unbiased for the FiLM
+      generator when set-encoder embeddings do not depend on their batch; the set encoder keeps a bias,
+      docs/fidelity.md M3); the reference code does not scale (False, default).
     """
     _check_labels(support_images, support_labels, query_images, query_labels, tasks_per_step)
     if h < 0:

@@ -163,3 +163,23 @@ def test_verify_records_fails_when_the_records_root_is_missing_or_holds_none_of_
     assert unrelated.exit_code == 1, unrelated.output
     assert "not compared md/tiny" in unrelated.stdout
     assert "holds none of the converted md/ sources" in unrelated.stderr
+
+
+def test_a_class_too_small_for_episodes_is_converted_with_a_warning_naming_it(tmp_path):
+    # MD's own episodes need >= 2 images per class; the converter writes the class as it is (nothing dropped)
+    # and says at once which class training will refuse, instead of the first episode that draws it.
+    import numpy as np
+
+    from tests.convert.conftest import encode, write_dataset
+
+    rng = np.random.RandomState(0)
+    spec = {"name": "small", "classes_per_split": {"TRAIN": 2, "VALID": 0, "TEST": 1},
+            "images_per_class": {"0": 3, "1": 1, "2": 2}, "class_names": {"0": "a", "1": "lonely", "2": "c"},
+            "path": "small", "file_pattern": "{}.tfrecords", "__class__": "DatasetSpecification"}
+    write_dataset(tmp_path / "records", spec, [[encode(rng) for _ in range(n)] for n in (3, 1, 2)])
+    result = _run_md(tmp_path / "records", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
+    assert warnings == ["warning: md/small: class 1 'lonely' (train) has 1 image(s); an MD episode needs at least 2 "
+                        "per class (fixed shots: shots + query), so training or testing on its split will refuse it"]
+    assert runner.invoke(app, ["verify", str(tmp_path / "out")]).exit_code == 0

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from convert.demo_data import write_md_records
-from convert.tfrecord import (RecordError, encode_md_example, encode_varint, frame, iter_records, length_delimited,
-                              parse_example, read_md_example, write_records)
+from convert.tfrecord import (RecordError, _md_example_fast, encode_md_example, encode_varint, frame, iter_records,
+                              length_delimited, parse_example, read_md_example, write_records)
 
 
 def _example_payload(image: bytes, label: int) -> bytes:
@@ -92,3 +92,45 @@ def test_plain_example_encoder_equals_tf_deterministic_serialization():
         assert tf.train.Example.FromString(ours) == example
         assert read_md_example(ours, "x") == (image, label)
         assert read_md_example(example.SerializeToString(), "x") == (image, label)
+
+
+def test_md_fast_path_reads_what_tf_writes():
+    """The fast path takes TF's own serialization (either entry order) and returns what TF was given."""
+    tf = pytest.importorskip("tensorflow")
+    for image, label in ((b"", 0), (b"\xff\xd8" * 70, 7), (bytes(range(256)) * 70, 1622), (b"x", 2**40), (b"y", -3)):
+        example = _example_payload(image, label)
+        for payload in (example, tf.train.Example.FromString(example).SerializeToString(deterministic=True)):
+            assert _md_example_fast(payload) == (image, label)
+            assert _md_example_fast(memoryview(payload)) == (image, label)
+
+
+_IMAGE = _ld(1, _ld(1, b"image") + _ld(2, _ld(1, _ld(1, b"abc"))))
+_LABEL = _ld(1, _ld(1, b"label") + _ld(2, _ld(3, _ld(1, _len(4)))))
+
+
+@pytest.mark.parametrize("payload", [
+    _ld(1, _IMAGE + _LABEL + _ld(1, _ld(1, b"other") + _ld(2, _ld(1, _ld(1, b"z"))))),  # a third feature
+    _ld(1, _IMAGE + _LABEL) + _ld(7, b"unknown"),  # an unknown Example field after the features
+    _ld(1, _IMAGE + _LABEL + _LABEL),  # a repeated key: the last one counts
+    _ld(1, _ld(1, _ld(1, b"image") + _ld(2, _ld(1, _ld(1, b"abc") + _ld(1, b"d")))) + _LABEL),  # two images
+    _ld(1, _IMAGE + _ld(1, _ld(1, b"label") + _ld(2, _ld(3, _ld(1, _len(4) + _len(5)))))),  # two labels
+    _ld(1, _IMAGE + _ld(1, _ld(1, b"label") + _ld(2, _ld(1, _ld(1, b"4"))))),  # a bytes label
+    _ld(1, _IMAGE + _ld(1, _ld(1, b"imagf") + _ld(2, _ld(3, _ld(1, _len(4)))))),  # no label
+    _ld(1, _IMAGE + _LABEL)[:-1],  # truncated
+    _ld(1, _IMAGE),
+    b"",
+])
+def test_md_fast_path_leaves_every_other_layout_to_the_parser(payload):
+    """Anything but TF's MD layout is read by `parse_example`: the same result, or its error."""
+    assert _md_example_fast(payload) is None
+    try:
+        features = parse_example(payload)
+        expected = (features["image"][0], features["label"][0]) if len(features.get("image", ())) == 1 and len(
+            features.get("label", ())) == 1 and isinstance(features["label"][0], int) else "error"
+    except ValueError:
+        expected = "error"
+    if expected == "error":
+        with pytest.raises(RecordError):
+            read_md_example(payload, "x")
+    else:
+        assert read_md_example(payload, "x") == expected

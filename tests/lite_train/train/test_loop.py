@@ -109,3 +109,59 @@ def test_creating_the_event_writer_does_not_import_tensorflow(tmp_path):
             f"w = EventWriter(pathlib.Path({str(tmp_path)!r})); w.scalar('a', 1.0, 0); w.close(); "
             "assert 'tensorflow' not in sys.modules, 'tensorflow imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_sigterm_to_the_whole_process_group_checkpoints(tiny_data, tmp_path):
+    # `timeout`, Ctrl-C in a terminal and cluster schedulers signal every process of the job, the loader's
+    # workers included: the trainer must still finish its task, checkpoint and leave no process behind.
+    import time
+    from pathlib import Path
+
+    run = tmp_path / "run"
+    repo = Path(__file__).resolve().parents[3]
+    code = ("from pathlib import Path; from lite_train.train import train; "
+            "from tests.lite_train.train.conftest import tiny_config; "
+            f"r = train(tiny_config(Path({str(tiny_data)!r}), Path({str(run)!r}), num_workers=2, "
+            "iterations=10**6, checkpoint_every=10**6), progress=False); print('stopped', r.finished, r.iteration)")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=repo, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (run / "metrics.csv").exists() or len(_losses(run)) < 3:  # header + 2 tasks logged
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no tasks logged"
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, err
+    stopped = out.split()
+    assert stopped[:2] == ["stopped", "False"], out + err
+    assert load_checkpoint(run / "checkpoint.pt")["iteration"] == int(stopped[2]) >= 2
+    time.sleep(1)
+    with pytest.raises(ProcessLookupError):  # the workers are gone with the main process
+        os.killpg(proc.pid, 0)
+
+
+def test_tf32_is_a_cuda_setting_and_set_tf32_sets_both_backends(tiny_data, tmp_path):
+    from typer.testing import CliRunner
+
+    from lite_train.cli import app
+    from lite_train.train import set_tf32
+
+    with pytest.raises(ValueError, match="tf32 needs a CUDA device"):
+        tiny_config(tiny_data, tmp_path / "run", tf32=True)
+    result = CliRunner().invoke(app, ["train", "--data", str(tiny_data), "--out", str(tmp_path / "run"),
+                                      "--sources", "toya", "--device", "cpu", "--tf32"])
+    assert result.exit_code == 1 and "--tf32: TF32 is a CUDA setting" in result.output
+    assert not (tmp_path / "run").exists()
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        set_tf32(False)  # PyTorch's own default leaves cuDNN's TF32 on: lite-train turns it off on CUDA
+        assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (False, False)
+        set_tf32(True)
+        assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (True, True)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
