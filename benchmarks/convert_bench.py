@@ -14,12 +14,16 @@ Table 2 writes a source of `--tiny-samples` (default 5 million) ~100-byte sample
 `lite-convert md` runs per sample, without the record parsing) and verifies it, each in its own process, and
 reports the peak RSS of each; the text extrapolates to quickdraw (~50 million samples).
 
+Each step's output is fingerprinted (sha256 per shard) and deleted, untimed, before the next step, so no step pays
+for reclaiming the page cache of earlier ones; the identity check compares those fingerprints.
+
 Usage: `python -m benchmarks.convert_bench --out BENCH.md` (`--tiny-samples 0`: table 1 only).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -99,6 +103,7 @@ def throughput(classes: int, per_class: int, size: int, runs: int, workdir: Path
                     os.fsync(f.fileno())
 
     inside: dict[str, float] = {}
+    digests: dict[str, dict[str, str]] = {}
 
     def convert(workers: int, *flags: str):
         def run() -> None:
@@ -108,19 +113,33 @@ def throughput(classes: int, per_class: int, size: int, runs: int, workdir: Path
                                                    *flags))
         return run
 
+    def timed_step(fn, output: str | None = None, keep: bool = False) -> float:
+        """`_timed(fn)`, then the step's output is fingerprinted and (unless kept) deleted untimed: outputs
+        left in the page cache would make every later step pay for reclaiming memory (on a VM with little
+        spare RAM, several GB of them slowed later writers several-fold)."""
+        seconds = _timed(fn)
+        if output is not None:
+            folder = workdir / output
+            source = folder / "md" / "bench"
+            if source.is_dir():
+                digests[output] = {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+                                   for p in sorted(source.iterdir()) if p.name != "source.json"}
+            if not keep:
+                shutil.rmtree(folder)
+        return seconds
+
     read_all()  # page-cache the records, so that every step below reads from memory
     of_which = "… of which converting (summary `seconds`, no start-up)"  # the same run without interpreter start-up
-    rows = [("raw sequential read", _timed(read_all)), ("shutil.copyfile", _timed(copy_all)),
-            ("shutil.copyfile + fsync of each copy", _timed(lambda: copy_all(durable=True))),
-            ("lite-convert md --workers 1", _timed(convert(1))), (f"{of_which}, --workers 1", inside["out1"]),
-            ("lite-convert md --workers 2", _timed(convert(2))), (f"{of_which}, --workers 2", inside["out2"]),
-            ("lite-convert md --workers 1 --fsync", _timed(convert(1, "--fsync"))),
-            (f"{of_which}, --workers 1 --fsync", inside["out1--fsync"]),
+    rows = [("raw sequential read", _timed(read_all)), ("shutil.copyfile", timed_step(copy_all, "copy")),
+            ("shutil.copyfile + fsync of each copy", timed_step(lambda: copy_all(durable=True), "copy-fsync")),
+            ("lite-convert md --workers 1", timed_step(convert(1), "out1", keep=True)),
+            (f"{of_which}, --workers 1", inside["out1"]),
             ("lite-convert verify --records (shards + records)",
-             _timed(lambda: _cli("verify", str(workdir / "out1"), "--records", str(records))))]
-    shards = sorted(p.name for p in (workdir / "out1" / "md" / "bench").iterdir())
-    identical = all((workdir / "out1" / "md" / "bench" / s).read_bytes() == (workdir / other / "md" / "bench" / s)
-                    .read_bytes() for s in shards if s != "source.json" for other in ("out2", "out1--fsync"))
+             timed_step(lambda: _cli("verify", str(workdir / "out1"), "--records", str(records)), "out1")),
+            ("lite-convert md --workers 2", timed_step(convert(2), "out2")), (f"{of_which}, --workers 2", inside["out2"]),
+            ("lite-convert md --workers 1 --fsync", timed_step(convert(1, "--fsync"), "out1--fsync")),
+            (f"{of_which}, --workers 1 --fsync", inside["out1--fsync"])]
+    identical = bool(digests["out1"]) and digests["out1"] == digests["out2"] == digests["out1--fsync"]
     copy_s = rows[1][1]
     lines = [f"Conversion throughput: one dataset of {classes} classes x {per_class} records, ~{size / 1e3:.0f} KB "
              f"each, {total / 1e6:,.0f} MB of records, page-cached; `--max-shard-bytes {shard_bytes}` cuts it into "
