@@ -150,8 +150,8 @@ def throughput(classes: int, per_class: int, size: int, runs: int, workdir: Path
              f"power loss costs on this disk). Ratio: throughput / shutil.copyfile's, same run.", "",
              "| step | seconds | MB/s | records/s | ratio to copyfile |", "|---|---:|---:|---:|---:|"]
     for name, seconds in rows:
-        if seconds <= 0:  # the converter's summary shows tenths of a second: a tiny (--quick) run can show 0.0
-            lines.append(f"| {name} | < 0.05 | | | |")
+        if seconds <= 0:  # the converter's summary shows hundredths of a second: a tiny (--quick) run can show 0.00
+            lines.append(f"| {name} | < 0.005 | | | |")
             continue
         lines.append(f"| {name} | {seconds:.2f} | {total / 1e6 / seconds:,.0f} | {n / seconds:,.0f} | "
                      f"{copy_s / seconds:.2f} |")

@@ -54,7 +54,7 @@ def _summary_table(results) -> Table:
         table.add_column(column, justify="left" if column in ("source", "status") else "right")
     for r in results:
         table.add_row(r.source, r.status, str(r.classes), str(r.samples), str(r.shards), f"{r.bytes / 1e6:,.1f}",
-                      f"{r.seconds:.1f}")
+                      f"{r.seconds:.2f}")
     return table
 
 
