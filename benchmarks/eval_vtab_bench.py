@@ -5,19 +5,24 @@ One ordered source (support then query, photos from benchmarks/photos.py, 224 px
   - bound: lite_train's exact decode + TF1 bilinear resize (`decode_resize_into`, what `--preprocess md`
     runs) in 1 and 2 concurrent single-threaded processes (benchmarks.decode_bench.measure, path "exact");
   - the query stream alone (`lite_train.data.ordered.query_batches`, batches of 40, no model) with 0, 1, 2
-    workers, `--preprocess md` and `lite`, timed from the first batch to the last (worker start-up apart);
+    workers, `--preprocess md` and `lite`, timed from the first batch to the last (worker start-up apart),
+    and from the batch after the first R (R = recycled buffers; each buffer's first write faults its pages,
+    a one-off per stream) to the last. The `md` rows and their bound are measured `--rounds` times,
+    interleaved (0, 1, 2 workers in each round, each against its own round's bound): median and range of the
+    per-round ratios. The `lite` rows are measured once;
   - a full `evaluate_task` with a LiteModel on this machine's CPU (torch single-threaded, 2 decode workers):
     images/s and the share of its wall time spent in the model (the rest: reading the support block and
     waiting for query batches).
 
-Usage: python -m benchmarks.eval_vtab_bench [--query 1200] [--support 200] [--model-query 120] [--quick]
-       [--out FILE.md]
+Usage: python -m benchmarks.eval_vtab_bench [--query 1200] [--support 200] [--model-query 120] [--rounds 3]
+       [--quick] [--out FILE.md]
 """
 
 from __future__ import annotations
 
 import argparse
 import pickle
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -46,20 +51,24 @@ def write_task(root: Path, name: str, images: list[bytes], support: int, query: 
     return root / "vtab" / name
 
 
-def stream_rate(path: Path, size: int, workers: int, preprocess: str) -> tuple[float, float]:
-    """(images/s from the first query batch to the last, seconds to the first batch)."""
+def stream_rate(path: Path, size: int, workers: int, preprocess: str) -> tuple[float, float, float]:
+    """(images/s from the first query batch to the last, images/s from batch R to the last, seconds to the
+    first batch); R = the stream's recycled buffers (each written once by then)."""
     task = open_ordered_task(path)
     cfg = OrderedLoaderConfig(image_size=size, batch_size=40, preprocess=preprocess, num_workers=workers)
+    slots = workers * cfg.prefetch_factor + 2  # as lite_train.data.ordered._batches allocates them
     start = time.perf_counter()
-    first = None
-    count = 0
+    arrivals = []  # (time, images) per batch
     for batch in query_batches(task, cfg):
-        if first is None:
-            first = time.perf_counter()
-        else:
-            count += len(batch["labels"])
-    end = time.perf_counter()
-    return count / (end - first), first - start
+        arrivals.append((time.perf_counter(), len(batch["labels"])))
+    task.reader.close()
+    if len(arrivals) <= slots + 1:
+        raise ValueError(f"{len(arrivals)} query batches: need more than {slots + 1} for the steady-state rate")
+
+    def rate(after: int) -> float:
+        return sum(n for _, n in arrivals[after + 1:]) / (arrivals[-1][0] - arrivals[after][0])
+
+    return rate(0), rate(slots), arrivals[0][0] - start
 
 
 class _ModelClock:
@@ -103,14 +112,15 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--model-query", type=int, default=120, help="query images of the model row")
     ap.add_argument("--model-support", type=int, default=80)
     ap.add_argument("--unique-images", type=int, default=200)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved measurements of the md rows and bound")
     ap.add_argument("--quick", action="store_true", help="smoke test: tiny sizes, 84 px")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     size = 224
     if args.quick:
-        size, args.query, args.support, args.unique_images = 84, 81, 10, 12
-        args.model_query, args.model_support = 41, 10
+        size, args.query, args.support, args.unique_images = 84, 360, 10, 12
+        args.model_query, args.model_support, args.rounds = 41, 10, 1
     images = photo_jpegs(PhotoConfig(count=args.unique_images))
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -118,18 +128,33 @@ def main(argv: list[str] | None = None) -> str:
         with_model = write_task(root, "model", images, args.model_support, args.model_query)
         data_file = root / "images.pkl"
         data_file.write_bytes(pickle.dumps(images))
-        bound = {p: decode_bench.measure("exact", size, p, str(data_file), 2) for p in (1, 2)}
-        rows = [(pre, w, *stream_rate(stream, size, w, pre)) for pre in ("md", "lite") for w in (0, 1, 2)]
+        measured: dict[tuple[str, int], list[tuple[float, float, float, float]]] = {}  # (rate, steady, start, bound)
+        for r in range(args.rounds):
+            bound = {p: decode_bench.measure("exact", size, p, str(data_file), 2) for p in (1, 2)}
+            for pre in ("md", "lite") if r == 0 else ("md",):
+                for w in (0, 1, 2):
+                    measured.setdefault((pre, w), []).append((*stream_rate(stream, size, w, pre), bound[max(w, 1)]))
         model_rate, model_share, model_images = model_row(with_model, size)
     lines = [f"Query stream of one ordered source ({args.query} query images in batches of 40, drawn from "
              f"{summary(images)}), {size} px, no model. Bound = `decode_resize_into` (the `md` path) in as many "
              "concurrent single-threaded processes as workers (1 for 0 workers), same run. `lite` (PIL LANCZOS) "
-             "is compared with the same bound, so its ratio also shows what LANCZOS costs.", "",
-             "| preprocess | workers | images/s | bound images/s | ratio | seconds to first batch |",
-             "|---|---:|---:|---:|---:|---:|"]
-    for pre, w, rate, startup in rows:
-        b = bound[max(w, 1)]
-        lines.append(f"| {pre} | {w} | {rate:.0f} | {b:.0f} | {rate / b:.2f} | {startup:.2f} |")
+             "is compared with the same bound, so its ratio also shows what LANCZOS costs. `md`: "
+             f"{args.rounds} interleaved rounds (0, 1, 2 workers and the bound in each), median and [range] of the "
+             "per-round ratios; `lite`: one round. Steady state: from the batch after the first R (R = 2 + 2 x "
+             "workers recycled buffers, whose first write faults their pages once per stream) to the last.", "",
+             "| preprocess | workers | images/s | bound images/s | ratio | ratio in steady state | "
+             "seconds to first batch |", "|---|---:|---:|---:|---:|---:|---:|"]
+
+    def cell(values: list[float], digits: int) -> str:
+        if len(values) == 1:
+            return f"{values[0]:.{digits}f}"
+        return f"{statistics.median(values):.{digits}f} [{min(values):.{digits}f}-{max(values):.{digits}f}]"
+
+    for (pre, w), runs in measured.items():
+        rates, steady, starts, bounds = (list(column) for column in zip(*runs))
+        lines.append(f"| {pre} | {w} | {statistics.median(rates):.0f} | {statistics.median(bounds):.0f} | "
+                     f"{cell([a / b for a, b in zip(rates, bounds)], 2)} | "
+                     f"{cell([a / b for a, b in zip(steady, bounds)], 2)} | {statistics.median(starts):.2f} |")
     lines += ["", f"Full `evaluate_task` on this CPU (LiteModel, torch single-threaded, 2 decode workers, md, "
               f"{args.model_support} support + {args.model_query} query images): {model_rate:.1f} images/s; "
               f"{100 * model_share:.0f} % of the wall time is spent in the model ({model_images} images)."]

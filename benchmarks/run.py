@@ -47,6 +47,10 @@ BENCHES = (
     Bench("Decode + resize per image on photographs: lite_train vs TensorFlow", "benchmarks.decode_bench"),
     Bench("Episode loader on photographs", "benchmarks.loader_bench"),
     Bench("Training", "benchmarks.train_bench"),
+    Bench("Training on a GPU (224 px)", "benchmarks.gpu_bench", args=("--recorded", "benchmarks/gpu_results.md"),
+          quick_args=("--quick", "--recorded", "benchmarks/gpu_results.md")),
+    Bench("VTAB conversion: `lite-convert vtab` vs a plain read of the same TFDS records",
+          "benchmarks.vtab_convert_bench"),
     Bench("VTAB evaluation: `lite-train eval-vtab` query stream vs the decode+resize bound",
           "benchmarks.eval_vtab_bench"),
 )

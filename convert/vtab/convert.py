@@ -26,6 +26,7 @@ import numpy as np
 
 from manifests import schema
 from manifests.ordered_writer import OrderedSourceWriter, SampleOrigin
+from manifests.staging import output_lock
 from manifests.writer import is_complete, source_dir
 
 from convert.md import SourceResult, converter_version, sniff_format, source_result
@@ -89,7 +90,12 @@ class TaskPlan:
 
 
 def _tfds():
-    """TFDS, set up for offline use: no GCS look-ups, and readable under protobuf >= 7 (see below)."""
+    """TFDS, set up for offline use: no GCS look-ups, and readable under protobuf >= 7 (see below).
+
+    TensorFlow is imported here too, while tasks are planned: TFDS would import it lazily in the first
+    `as_dataset`, and its several seconds would then count as the first task's conversion time.
+    """
+    import tensorflow  # noqa: F401
     import tensorflow_datasets as tfds
     from tensorflow_datasets.core.utils import gcs_utils
 
@@ -225,7 +231,8 @@ def _rescale_255(data: bytes, where: str) -> bytes:
 
 
 def convert_task(plan: TaskPlan, config: VtabConfig, progress: Progress | None = None) -> SourceResult:
-    """Convert one planned task into `<out>/<group>/<task>/` (skip if up to date, resume if staged)."""
+    """Convert one planned task into `<out>/<group>/<task>/` (skip if up to date, resume if staged); the caller
+    holds the output root's lock (`convert_vtab` does)."""
     start_time = time.perf_counter()
     task, group = plan.task, PROTOCOL_GROUP[config.protocol]
     done = _up_to_date(Path(config.out), group, task.task_id, plan.fingerprint)
@@ -332,11 +339,15 @@ def rederive_labels(path: str | Path) -> int | None:
 
 def convert_vtab(config: VtabConfig, progress: Progress | None = None,
                  planned: Callable[[list[TaskPlan]], None] | None = None) -> list[SourceResult]:
-    """Plan every selected task (all builders open, all slices fit) before writing, then convert them in order.
+    """Plan every selected task (all builders open, all slices fit) before writing, then convert them in order,
+    holding the output root's lock (`manifests.staging.output_lock`) from before planning to the end: a second
+    converter on the same --out fails at once, before it prepares a manual dataset or writes anything.
 
     `planned` is called with the plans before any conversion starts (the CLI sizes its progress bars).
     """
-    plans = [plan_task(t, config) for t in config.task_ids]
-    if planned:
-        planned(plans)
-    return [convert_task(p, config, progress) for p in plans]
+    task_ids = config.task_ids  # unknown or repeated ids are refused before the output root is touched
+    with output_lock(config.out):
+        plans = [plan_task(t, config) for t in task_ids]
+        if planned:
+            planned(plans)
+        return [convert_task(p, config, progress) for p in plans]

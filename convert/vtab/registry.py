@@ -174,7 +174,8 @@ def parse_tasks(text: str) -> tuple[str, ...]:
     unknown = [t for t in ids if t not in TASKS]
     if unknown:
         raise ValueError(f"unknown VTAB task(s) {', '.join(unknown)}; known: {', '.join(TASKS)}")
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"--tasks names a task twice: {text}")
+    repeated = sorted({t for t in ids if ids.count(t) > 1})
+    if repeated:
+        raise ValueError(f"--tasks names {', '.join(repeated)} more than once")
     return ids
 

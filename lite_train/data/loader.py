@@ -125,8 +125,9 @@ def _warn_once(key: str, message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
-def _shared_empty(shape: tuple[int, ...]) -> torch.Tensor:
-    """An uninitialised float32 tensor in shared memory whose pages are committed only when first written.
+def _shared_empty(shape: tuple[int, ...], name: str = "lite-train-episode") -> torch.Tensor:
+    """An uninitialised float32 tensor in shared memory whose pages are committed only when first written
+    (`name`: the memfd's name, what /proc/<pid>/maps shows; the ordered front-end names its batch buffers).
 
     torch's own shared allocation (`share_memory_()`, `UntypedStorage._new_shared`) reserves the whole size
     up front (fallocate): a 1000-row 224-px episode buffer would cost 600 MB before any image is written to
@@ -139,7 +140,7 @@ def _shared_empty(shape: tuple[int, ...]) -> torch.Tensor:
         _warn_once("memfd", "lite-train loader: no os.memfd_create or torch.UntypedStorage._new_shared_fd_cpu "
                             "here; episode buffers commit their whole size up front (share_memory_)")
         return torch.empty(shape).share_memory_()
-    fd = os.memfd_create("lite-train-episode", os.MFD_CLOEXEC)
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
     try:
         os.ftruncate(fd, nbytes)
         storage = torch.UntypedStorage._new_shared_fd_cpu(fd, nbytes)  # maps a duplicate of fd

@@ -9,10 +9,10 @@ block (one tensor) and its query set as ordered fixed-size batches out.
 Both run a `torch.utils.data.DataLoader` (`batch_size=None`) over one map-style dataset whose item i is the
 i-th batch of rows, decoded in a worker, so the order is the source order for any number of workers and at
 most `num_workers * prefetch_factor` batches are ever in flight, decoded in place into as many + 2 recycled
-shared-memory batch buffers: memory is bounded by the batch size, not by the query set (dsprites' `lite`
-query set is ~736k images). A batch's images stay valid until the batch after the next one is requested
-(clone them to keep them longer). The support block is read by the same batches
-once and copied into one tensor (the model needs the whole set for the task embedding).
+shared-memory batch buffers (only the batch index travels back from a worker): memory is bounded by the
+batch size, not by the query set (dsprites' `lite` query set is ~736k images). A batch's images stay valid
+until the batch after the next one is requested (clone them to keep them longer). The support block is read
+by the same batches once and copied into one tensor (the model needs the whole set for the task embedding).
 
 Preprocessing (`OrderedLoaderConfig.preprocess`):
 - "md": the episode loader's engine, `decode.decode_resize_into` (TF-equal decode, TF1 bilinear resize with
@@ -37,6 +37,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lite_train.data.decode import compile_resize, decode_resize_into, decode_rgb
+from lite_train.data.loader import _shared_empty
 from manifests import schema
 from manifests.provenance import role_rows
 from manifests.reader import ManifestError, SourceReader
@@ -112,27 +113,28 @@ def _preprocess_into(data: bytes, out: np.ndarray, size: int, preprocess: str) -
 
 
 class _RowBatches(Dataset):
-    """Item i = rows[i*B : (i+1)*B] decoded into slot i mod R of the shared batch buffers, returned as
-    (slot, labels, rows); the images never travel through the worker queue."""
+    """Item i = rows[i*B : (i+1)*B] decoded into slot i mod R of the shared batch buffers; returns i alone.
 
-    def __init__(self, reader: SourceReader, rows: np.ndarray, labels: np.ndarray, cfg: OrderedLoaderConfig,
-                 slots: torch.Tensor):
-        self.reader, self.rows, self.labels, self.cfg, self.slots = reader, rows, labels, cfg, slots
+    Nothing but that int travels through the worker queue: the main process knows the rows and labels of
+    batch i. (Arrays returned here would be turned into tensors by the DataLoader and sent through a new
+    shared-memory segment and a file-descriptor handshake each: work for both processes on every batch.)"""
+
+    def __init__(self, reader: SourceReader, rows: np.ndarray, cfg: OrderedLoaderConfig, slots: torch.Tensor):
+        self.reader, self.rows, self.cfg, self.slots = reader, rows, cfg, slots
 
     def __len__(self) -> int:
         return math.ceil(len(self.rows) / self.cfg.batch_size)
 
-    def __getitem__(self, i: int) -> tuple[int, np.ndarray, np.ndarray]:
+    def __getitem__(self, i: int) -> int:
         rows = self.rows[i * self.cfg.batch_size:(i + 1) * self.cfg.batch_size]
-        slot = i % len(self.slots)
-        view = self.slots[slot].numpy()  # (B, 3, S, S), shares memory with the main process
+        view = self.slots[i % len(self.slots)].numpy()  # (B, 3, S, S), shares memory with the main process
         for j, row in enumerate(rows):
             data = self.reader.read(int(row))
             try:
                 _preprocess_into(data, view[j], self.cfg.image_size, self.cfg.preprocess)
             except ValueError as e:
                 raise ValueError(f"{self.reader.locate(int(row))}: {e}") from None
-        return slot, self.labels[rows], rows
+        return i
 
 
 def _batches(task: OrderedTask, rows: np.ndarray, cfg: OrderedLoaderConfig) -> Iterator[OrderedBatch]:
@@ -145,15 +147,26 @@ def _batches(task: OrderedTask, rows: np.ndarray, cfg: OrderedLoaderConfig) -> I
     batches = math.ceil(len(rows) / cfg.batch_size)
     workers = min(cfg.num_workers, batches)
     size = cfg.image_size
-    slots = torch.empty((min(workers * cfg.prefetch_factor + 2, batches), cfg.batch_size, 3, size, size),
-                        dtype=torch.float32)  # (R, B, 3, S, S)
-    if workers:
-        slots.share_memory_()  # before the workers start, which then write into it in place
-    loader = DataLoader(_RowBatches(task.reader, rows, task.labels, cfg, slots), batch_size=None, shuffle=False,
-                        num_workers=workers, prefetch_factor=cfg.prefetch_factor if workers else None)
-    for slot, labels, batch_rows in loader:
-        yield {"images": slots[slot, :len(batch_rows)], "labels": torch.as_tensor(labels),
-               "rows": torch.as_tensor(batch_rows)}
+    shape = (min(workers * cfg.prefetch_factor + 2, batches), cfg.batch_size, 3, size, size)  # (R, B, 3, S, S)
+    # Shared before the workers start, which then write into it in place. A sparse memfd: each page is
+    # committed by the worker that first writes it, in parallel, where share_memory_() would commit (zero
+    # and copy) all R slots serially in this process first and the workers would still fault on every page.
+    slots = _shared_empty(shape, "lite-train-vtab-batches") if workers else torch.empty(shape, dtype=torch.float32)
+    batch_indices = iter(DataLoader(_RowBatches(task.reader, rows, cfg, slots), batch_size=None, shuffle=False,
+                                    num_workers=workers, prefetch_factor=cfg.prefetch_factor if workers else None))
+    try:
+        for expected, i in enumerate(batch_indices):
+            if i != expected:
+                raise RuntimeError(f"{task.reader.path}: batch {i} arrived where batch {expected} was due")
+            batch_rows = rows[i * cfg.batch_size:(i + 1) * cfg.batch_size]  # (b,) global sample indices
+            yield {"images": slots[i % len(slots), :len(batch_rows)],
+                   "labels": torch.from_numpy(task.labels[batch_rows]), "rows": torch.from_numpy(batch_rows.copy())}
+    finally:
+        # Stop the workers now (an error, a break), not when the iterator is collected: a decode error's
+        # traceback references the iterator, and whoever keeps the exception would keep the workers alive.
+        shutdown = getattr(batch_indices, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
 
 
 def read_support(task: OrderedTask, cfg: OrderedLoaderConfig) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -236,3 +237,33 @@ def test_cli_converts_and_verify_accepts_vtab_sources(unprepared_dir, tmp_path):
     info = json.loads((out / "vtab" / "cifar100" / schema.SOURCE_FILE).read_text())
     assert info["tfds"]["name"] == "cifar100" and info["extra"]["convert_config"]["limit"] == N
     shutil.rmtree(out)
+
+
+def test_a_second_converter_on_the_same_output_fails_at_once(unprepared_dir, tmp_path):
+    from manifests.staging import output_lock
+
+    runner = CliRunner()
+    out = tmp_path / "out"
+    with mocked_tfds(unprepared_dir, N):
+        with output_lock(out):
+            # dmlab is not prepared: the lock must be refused before any builder is opened or planned
+            for tasks in ("cifar100", "dmlab"):
+                r = runner.invoke(app, ["vtab", "--tfds-data-dir", str(unprepared_dir), "--out", str(out),
+                                        "--tasks", tasks, "--limit", str(N)])
+                assert r.exit_code == 1 and _one_error_line(r.output), r.output
+                assert r.output.strip() == f"error: another lite-convert (pid {os.getpid()}) is writing {out}"
+            assert not (out / "vtab").exists()
+        r = runner.invoke(app, ["vtab", "--tfds-data-dir", str(unprepared_dir), "--out", str(out),
+                                "--tasks", "cifar100", "--limit", str(N)])
+        assert r.exit_code == 0, r.output  # released with the first converter
+    assert (out / "vtab" / "cifar100" / schema.SOURCE_FILE).is_file()
+
+
+def test_a_task_named_twice_is_refused_before_anything_is_written(unprepared_dir, tmp_path):
+    out = tmp_path / "out"
+    with mocked_tfds(unprepared_dir, N):
+        r = CliRunner().invoke(app, ["vtab", "--tfds-data-dir", str(unprepared_dir), "--out", str(out),
+                                     "--tasks", "cifar100,eurosat, cifar100", "--limit", str(N)])
+    assert r.exit_code == 1 and _one_error_line(r.output), r.output
+    assert r.output.strip() == "error: --tasks names cifar100 more than once"
+    assert not out.exists()

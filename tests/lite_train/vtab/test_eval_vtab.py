@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import multiprocessing
 
 import numpy as np
 import pytest
@@ -182,6 +183,41 @@ def test_recycled_batch_buffers_hold_each_batch_until_the_one_after_next_is_requ
         previous = batch
 
 
+_REBUILT: list[str] = []  # shared-memory storages this process received from a worker (test below)
+_REAL_REBUILD: dict = {}
+
+
+def _counted_rebuild_fd(*args):  # module level: the forked workers pickle it by name
+    _REBUILT.append("fd")
+    return _REAL_REBUILD["rebuild_storage_fd"](*args)
+
+
+def _counted_rebuild_filename(*args):
+    _REBUILT.append("filename")
+    return _REAL_REBUILD["rebuild_storage_filename"](*args)
+
+
+def test_only_the_batch_index_crosses_the_worker_queue(tmp_path, monkeypatch):
+    """Images are written in place into the shared slots; labels and rows are known in this process. A tensor
+    (or array, which the DataLoader turns into one) in a worker's result would arrive through a new
+    shared-memory segment and a descriptor handshake each, on every batch."""
+    import torch.multiprocessing.reductions as reductions
+
+    for name, counted in (("rebuild_storage_fd", _counted_rebuild_fd),
+                          ("rebuild_storage_filename", _counted_rebuild_filename)):
+        _REAL_REBUILD[name] = getattr(reductions, name)
+        monkeypatch.setattr(reductions, name, counted)
+    _REBUILT.clear()
+    path = write_task(tmp_path, "ipc", "natural", [0, 1], [(c * 3) % 4 for c in range(23)])
+    cfg = OrderedLoaderConfig(image_size=8, batch_size=2, num_workers=2)
+    labels = []
+    for batch in query_batches(open_ordered_task(path), cfg):
+        assert _centre_colours(batch["images"], batch["labels"])
+        labels += batch["labels"].tolist()
+    assert labels == [(c * 3) % 4 for c in range(23)]
+    assert _REBUILT == []
+
+
 def test_support_block_is_read_once_in_order_with_labels(tmp_path):
     path = write_task(tmp_path, "sup", "natural", [3, 1, 0, 2, 2], [0])
     images, labels = read_support(open_ordered_task(path), OrderedLoaderConfig(image_size=8, batch_size=2,
@@ -241,3 +277,4 @@ def test_bad_inputs_fail_with_one_line(tmp_path, checkpoint):
     result = _eval(tmp_path / "data", checkpoint, tmp_path / "o2", "--num-workers", "2")
     assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
     assert "broken-000000.tar" in result.output and "crc32" in result.output
+    assert result.exc_info is not None and not multiprocessing.active_children()  # workers stopped with the error
