@@ -1,7 +1,7 @@
 """Fixtures: every VTAB builder under `tfds.testing.mock_data`, offline, with real split sizes.
 
 `tfds_dir` holds, for each pinned builder of the registry, a `dataset_info.json` written by TFDS itself
-with the split sizes VTAB's own tests expect (`../shared/reference/vtab_webdataset.md` §1.2), so slices
+with the split sizes VTAB's own tests expect (`shared/reference/vtab_webdataset.md` §1.2), so slices
 resolve exactly as on prepared data; `mock_data(policy=USE_FILES)` then makes `as_dataset` yield
 `num_examples` deterministic random examples for any split string. The mock's random Sequence fields
 (every field its own length, depths in [0, 1)) would break clevr and kitti's label rules, and its random

@@ -1,6 +1,6 @@
 """VTAB label rules against hand-computed cases (boundaries included), without TensorFlow.
 
-Expected labels come from the rules as `../shared/reference/vtab_webdataset.md` §1.3 and
+Expected labels come from the rules as `shared/reference/vtab_webdataset.md` §1.3 and
 task_adaptation's `clevr.py` / `kitti.py` / `dsprites.py` state them, worked out by hand below each case.
 """
 

@@ -1,7 +1,7 @@
 """The registry contract: every entry against the reference table and against its pinned TFDS builder.
 
-Reference values are copied from `../shared/reference/vtab_webdataset.md` §1.2 (slices, VTAB test sizes,
-class counts) and `../shared/reference/lite.md` §5 (LITE's query splits); builders come from the installed,
+Reference values are copied from `shared/reference/vtab_webdataset.md` §1.2 (slices, VTAB test sizes,
+class counts) and `shared/reference/lite.md` §5 (LITE's query splits); builders come from the installed,
 pinned TFDS (code only: no data, no network).
 """
 
