@@ -1,6 +1,6 @@
 """The head, the FiLM generator and the regulariser against LITE's own numbers (a reduced case of
-shared/data/lite_reference_seed1 beside the repository, see golden/README.md). The full image-to-logits comparison is the
-development check tools/check_lite_reference.py."""
+shared/data/lite_reference_seed1 beside the repository, see golden/README.md). The full image-to-logits
+comparison is the development check tools/check_lite_reference.py."""
 
 from __future__ import annotations
 
