@@ -7,25 +7,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lite_train.model import LiteModel, calibrate_batch_norm
+from lite_train.model import LiteModel
 from lite_train.train import lite_task_backward, no_lite_backward, small_task_backward
+from tests.lite_train.tiny_models import tiny_lite_model
 
 SIZE = 32
 
 
 @pytest.fixture(scope="module")
 def model64() -> LiteModel:
-    torch.manual_seed(0)
-    model = LiteModel().double()
-    # A random backbone needs BN statistics that fit its activations, or its features barely depend on
-    # the image and every gradient vanishes (~1e-28).
-    calibration = torch.rand(8, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
-    calibrate_batch_norm(model.feature_extractor, calibration * 2 - 1)
-    with torch.no_grad():  # non-trivial FiLM so the FiLM path carries real gradients
-        for name, p in model.feature_adaptation_network.named_parameters():
-            if "_regularizers." in name:
-                p.normal_(0, 0.05)
-    return model.train()
+    return tiny_lite_model(SIZE, calibration_images=8)
 
 
 def _task(n=5, m=4, dtype=torch.float64, seed=0):

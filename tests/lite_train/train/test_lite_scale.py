@@ -35,7 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lite_train.model import LiteModel, ModelConfig, calibrate_batch_norm
+from lite_train.model import LiteModel
+from tests.lite_train.tiny_models import tiny_lite_model
 from lite_train.train import lite_task_backward, no_lite_backward
 
 SIZE = 32  # the smallest image the set encoder takes (5 poolings)
@@ -56,17 +57,8 @@ def _one_thread():
 
 
 def _model(size: int) -> LiteModel:
-    torch.manual_seed(0)
-    model = LiteModel(ModelConfig(classifier="protonets")).double()
-    # A random backbone needs BN statistics that fit its activations (else its features barely depend on
-    # the image); 32 calibration images keep the 32-px features at a moderate scale.
-    calibration = torch.rand(32, 3, size, size, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
-    calibrate_batch_norm(model.feature_extractor, calibration * 2 - 1)
-    with torch.no_grad():  # non-trivial FiLM so the FiLM path carries real gradients
-        for name, p in model.feature_adaptation_network.named_parameters():
-            if "_regularizers." in name:
-                p.normal_(0, 0.05)
-    return model.train()
+    # 32 calibration images keep the 32-px features at a moderate scale.
+    return tiny_lite_model(size, calibration_images=32, classifier="protonets")
 
 
 def _task(size: int, query_repeats: int = 1) -> tuple[torch.Tensor, ...]:
