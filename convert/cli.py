@@ -153,6 +153,9 @@ def vtab(
     limit: int = typer.Option(None, help="Smoke runs: at most this many examples per slice."),
     max_shard_samples: int = typer.Option(schema.DEFAULT_MAX_SHARD_SAMPLES, help="Samples per shard at most."),
     max_shard_bytes: int = typer.Option(schema.DEFAULT_MAX_SHARD_BYTES, help="Image bytes per shard at most."),
+    fsync: bool = typer.Option(False, "--fsync", help="Fsync every shard, manifest and folder before it counts, so "
+                                                      "the output also survives a power loss (a kill loses nothing "
+                                                      "without it)."),
 ):
     """Convert the VTAB-1k tasks from prepared TFDS datasets into ordered shards + manifests."""
     from convert.vtab.convert import VtabConfig, convert_vtab
@@ -160,7 +163,7 @@ def vtab(
     config = VtabConfig(tfds_data_dir=str(tfds_data_dir), out=str(out),
                         manual_dir=None if manual_dir is None else str(manual_dir),
                         tasks=tuple(t for t in tasks.split(",") if t), protocol=protocol, limit=limit,
-                        max_shard_samples=max_shard_samples, max_shard_bytes=max_shard_bytes)
+                        max_shard_samples=max_shard_samples, max_shard_bytes=max_shard_bytes, fsync=fsync)
     with Progress(TextColumn("{task.description:<32}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=_err) as progress:
         bars: dict[str, int] = {}

@@ -6,15 +6,25 @@ row each (`schema.PROVENANCE_SCHEMA`). Tar members, keys (`schema.sample_key(lab
 `samples.parquet` / `index.npy` are exactly those of the class-contiguous layout, so plain `webdataset`
 and `manifests.SourceReader` read both alike.
 
-Crash safety as `SourceWriter`: everything is staged in `<root>/<group>/.<source>.partial/`; a shard is
-fsynced and renamed, then its provenance part, then its sample part (the commit mark) are written
-atomically. A new writer with the same fingerprint keeps the committed shards and reports
+Crash safety as `manifests.staging.SourceStaging`: everything is staged in `<root>/<group>/.<source>.partial/`;
+a shard is renamed into place, then its provenance part, then its sample part (the commit mark) are written
+atomically. A new writer with the same fingerprint keeps the committed shards that are still byte for byte
+what their part describes (the first damaged one and all later ones are dropped) and reports
 `num_committed`, the number of leading samples of the source's order that need not be added again.
+`finish()` writes the manifests and, last, `source.json` (with the staging plan: a finished staging folder is
+published by the next writer, not thrown away), then publishes as `SourceStaging.publish` does: the old
+source is renamed to `.<source>.old`, the staging folder renamed in, the old copy removed; a new writer (or
+`manifests.staging.recover_publish`) completes or undoes a sequence killed half-way.
+
+Durability as in `manifests.writer`: a kill loses nothing without fsync; with `fsync=True` every shard,
+part, manifest and `source.json` is fsynced before its rename and the folders after one (power loss).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
 import os
 import shutil
@@ -24,11 +34,11 @@ from typing import Any, Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from manifests import schema
-from manifests.writer import (_BLOCK, _RECORD, _atomic_write_parquet, _fsync_dir, _padding, _tar_header,
-                              atomic_write_bytes, source_dir, staging_dir)
+from manifests.staging import _old_dir, _swap_in, recover_publish
+from manifests.writer import (_BLOCK, _RECORD, _atomic_write_parquet, _fsync_dir, _padding, _read_table,
+                              _shard_matches, _tar_header, atomic_write_bytes, source_dir, staging_dir)
 
 _PLAN_FILE = "plan.json"
 _PARTS_DIR = "parts"
@@ -53,11 +63,13 @@ class OrderedSourceWriter:
         root, group, source: the source goes to `<root>/<group>/<source>/`.
         fingerprint: JSON-able description of the input and settings; a staged run resumes only if equal.
         max_shard_samples / max_shard_bytes: a shard is closed once it holds this many samples or bytes.
+        fsync: fsync data files and manifests before their renames and folders after them (not part of
+            the plan: it never changes the bytes written).
     """
 
     def __init__(self, root: Path, group: str, source: str, *, fingerprint: dict[str, Any],
                  max_shard_samples: int = schema.DEFAULT_MAX_SHARD_SAMPLES,
-                 max_shard_bytes: int = schema.DEFAULT_MAX_SHARD_BYTES):
+                 max_shard_bytes: int = schema.DEFAULT_MAX_SHARD_BYTES, fsync: bool = False):
         schema.check_name("group", group)
         schema.check_name("source", source)
         if max_shard_samples < 1 or max_shard_bytes < 1:
@@ -65,14 +77,20 @@ class OrderedSourceWriter:
         self.root, self.group, self.source = Path(root), group, source
         self.stage = staging_dir(self.root, group, source)
         self.final = source_dir(self.root, group, source)
+        self.old = _old_dir(self.root, group, source)
         self.max_shard_samples, self.max_shard_bytes = max_shard_samples, max_shard_bytes
-        plan = {"format_version": schema.FORMAT_VERSION, "layout": "ordered", "max_shard_samples": max_shard_samples,
-                "max_shard_bytes": max_shard_bytes, "fingerprint": fingerprint}
+        self.fsync = fsync
+        self.plan = json.loads(json.dumps(
+            {"format_version": schema.FORMAT_VERSION, "layout": "ordered", "max_shard_samples": max_shard_samples,
+             "max_shard_bytes": max_shard_bytes, "fingerprint": fingerprint}))
         self._parts: list[tuple[pa.Table, pa.Table]] = []  # (samples, provenance) of each committed shard
         self._file = None
         self._rows: dict[str, list] = {}
         self._prov: dict[str, list] = {}
-        self._resume_or_start(plan)
+        recover_publish(self.root, group, source, fsync=fsync)  # a publish killed half-way
+        self._finished = self.finished_info()  # finished, not yet published: finish() publishes it
+        if self._finished is None:
+            self._resume_or_start(self.plan)
         # Rebuilt from the committed parts: per-class counts (next index_in_class), TFDS positions seen
         # (no example may appear twice) and the role reached (support rows come before query rows).
         self._count: dict[int, int] = {}
@@ -85,11 +103,20 @@ class OrderedSourceWriter:
             if prov.num_rows:
                 self._role = schema.ROLES.index(prov["role"][prov.num_rows - 1].as_py())
 
+    def finished_info(self) -> schema.SourceInfo | None:
+        """The SourceInfo of a staging folder whose source.json was written for this plan, else None."""
+        path = self.stage / schema.SOURCE_FILE
+        try:
+            info = schema.SourceInfo.from_json(path.read_text(), origin=str(path))
+        except (OSError, ValueError, TypeError, KeyError):
+            return None
+        return info if info.extra.get("staging_plan") == self.plan else None
+
     def _resume_or_start(self, plan: dict[str, Any]) -> None:
         plan_path = self.stage / _PLAN_FILE
         if plan_path.is_file():
             try:
-                same = json.loads(plan_path.read_text()) == json.loads(json.dumps(plan))
+                same = json.loads(plan_path.read_text()) == plan
             except ValueError:
                 same = False
             if same:
@@ -98,15 +125,25 @@ class OrderedSourceWriter:
         if self.stage.exists():
             shutil.rmtree(self.stage)
         (self.stage / _PARTS_DIR).mkdir(parents=True)
-        atomic_write_bytes(plan_path, json.dumps(plan, sort_keys=True).encode())
+        atomic_write_bytes(plan_path, json.dumps(plan, sort_keys=True).encode(), "the conversion plan",
+                           fsync=self.fsync)
 
     def _load_committed_parts(self) -> None:
-        """Keep shards whose sample part (the commit mark) exists; delete everything else."""
+        """Keep the shards whose two parts exist (the sample part is the commit mark) and that are still byte for
+        byte what their part describes (without fsync a power loss can lose pages of a renamed file); the
+        first missing or damaged one and everything after it are deleted."""
         parts = self.stage / _PARTS_DIR
         n = 0
         while (parts / f"{n:06d}.parquet").is_file() and (parts / f"{n:06d}.prov.parquet").is_file():
-            self._parts.append((pq.read_table(parts / f"{n:06d}.parquet"),
-                                pq.read_table(parts / f"{n:06d}.prov.parquet")))
+            try:
+                samples = _read_table(parts / f"{n:06d}.parquet")
+                prov = _read_table(parts / f"{n:06d}.prov.parquet")
+            except (OSError, pa.ArrowException):
+                break
+            if (samples.num_rows == 0 or prov.num_rows != samples.num_rows
+                    or not _shard_matches(self.stage / schema.shard_name(self.source, n), samples)):
+                break
+            self._parts.append((samples, prov))
             n += 1
         keep = {schema.shard_name(self.source, i) for i in range(n)} | {_PLAN_FILE, _PARTS_DIR}
         for p in self.stage.iterdir():
@@ -119,11 +156,16 @@ class OrderedSourceWriter:
 
     @property
     def num_committed(self) -> int:
-        """Samples in committed shards: the first `num_committed` samples of the source order survive."""
+        """Samples in committed shards: the first `num_committed` samples of the source order survive (all of
+        them for a finished, unpublished staging folder)."""
+        if self._finished is not None:
+            return self._finished.num_samples
         return sum(t.num_rows for t, _ in self._parts)
 
     def add(self, label: int, data: bytes, fmt: str, origin: SampleOrigin) -> None:
         """Append the next sample of the source order with its label and provenance."""
+        if self._finished is not None:
+            raise ValueError(f"{self.stage}: finished already (all {self.num_committed} samples committed)")
         if fmt not in schema.IMAGE_FORMATS:
             raise ValueError(f"image format {fmt!r} is not one of {schema.IMAGE_FORMATS}")
         if origin.role not in schema.ROLES:
@@ -173,18 +215,22 @@ class OrderedSourceWriter:
         f.write(b"\0" * (2 * _BLOCK))
         f.write(_padding(f.tell(), _RECORD))
         f.flush()
-        os.fsync(f.fileno())
+        if self.fsync:
+            os.fsync(f.fileno())
         f.close()
         self._file = None
         index = len(self._parts)
         name = schema.shard_name(self.source, index)
         os.replace(self.stage / (name + ".tmp"), self.stage / name)
-        _fsync_dir(self.stage)
+        if self.fsync:
+            _fsync_dir(self.stage)
         samples = pa.Table.from_pydict(dict(self._rows, shard=[index] * len(self._rows["key"])),
                                        schema=schema.SAMPLE_SCHEMA)
         prov = pa.Table.from_pydict(self._prov, schema=schema.PROVENANCE_SCHEMA)
-        _atomic_write_parquet(prov, self.stage / _PARTS_DIR / f"{index:06d}.prov.parquet")
-        _atomic_write_parquet(samples, self.stage / _PARTS_DIR / f"{index:06d}.parquet")  # commit mark
+        _atomic_write_parquet(prov, self.stage / _PARTS_DIR / f"{index:06d}.prov.parquet", "a provenance part",
+                              fsync=self.fsync)
+        _atomic_write_parquet(samples, self.stage / _PARTS_DIR / f"{index:06d}.parquet",  # the commit mark
+                              "a shard's manifest part", fsync=self.fsync)
         self._parts.append((samples, prov))
 
     def abort(self) -> None:
@@ -194,14 +240,18 @@ class OrderedSourceWriter:
             self._file = None
 
     def finish(self, class_names: Sequence[str], split: str, info: dict[str, Any]) -> schema.SourceInfo:
-        """Write the manifests and publish the source.
+        """Write the manifests and source.json into the staging folder, then publish it (see `publish`).
 
         Args:
             class_names: name of every class, index = label; every label written must be below its length.
             split: the class split all classes belong to (VTAB tasks are evaluation tasks: "test").
             info: the SourceInfo fields the converter knows (origin, converter_version, benchmark,
-                dataset_spec, sampling_spec, extra, tfds); counts, shards and layout are filled in here.
+                dataset_spec, sampling_spec, extra, tfds); counts, shards and layout are filled in here, and
+                the staging plan is added to extra.
         """
+        if self._finished is not None:  # finished by an earlier, interrupted run
+            self.publish()
+            return self._finished
         if split not in schema.SPLITS:
             raise ValueError(f"split {split!r} is not one of {schema.SPLITS}")
         if self._file is not None:
@@ -231,21 +281,36 @@ class OrderedSourceWriter:
             format_version=schema.FORMAT_VERSION, group=self.group, source=self.source,
             num_classes=len(class_names), num_samples=samples.num_rows,
             classes_per_split={s: len(class_names) if s == split else 0 for s in schema.SPLITS},
-            shards=shards, layout="ordered", **info,
+            shards=shards, layout="ordered", **dict(info, extra=dict(info.get("extra", {}), staging_plan=self.plan)),
         )
-        _atomic_write_parquet(samples, self.stage / schema.SAMPLES_FILE)
-        _atomic_write_parquet(classes, self.stage / schema.CLASSES_FILE)
-        _atomic_write_parquet(prov, self.stage / schema.PROVENANCE_FILE)
-        with open(self.stage / (schema.INDEX_FILE + ".tmp"), "wb") as f:
-            np.save(f, index)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(self.stage / (schema.INDEX_FILE + ".tmp"), self.stage / schema.INDEX_FILE)
-        shutil.rmtree(self.stage / _PARTS_DIR)
-        (self.stage / _PLAN_FILE).unlink()
-        atomic_write_bytes(self.stage / schema.SOURCE_FILE, source_info.to_json().encode())
-        if self.final.exists():
-            shutil.rmtree(self.final)
-        os.replace(self.stage, self.final)
-        _fsync_dir(self.final.parent)
+        _atomic_write_parquet(samples, self.stage / schema.SAMPLES_FILE, "the sample manifest", fsync=self.fsync)
+        _atomic_write_parquet(classes, self.stage / schema.CLASSES_FILE, "the class manifest", fsync=self.fsync)
+        _atomic_write_parquet(prov, self.stage / schema.PROVENANCE_FILE, "the provenance manifest", fsync=self.fsync)
+        buf = io.BytesIO()
+        np.save(buf, index)
+        atomic_write_bytes(self.stage / schema.INDEX_FILE, buf.getvalue(), "the sample index", fsync=self.fsync)
+        if self.fsync:  # the renamed manifests before source.json marks the folder finished
+            _fsync_dir(self.stage)
+        atomic_write_bytes(self.stage / schema.SOURCE_FILE, source_info.to_json().encode(), "source.json",
+                           fsync=self.fsync)
+        self._finished = source_info
+        self.publish()
         return source_info
+
+    def publish(self) -> None:
+        """Move the finished staging folder into place; an existing source is replaced, never half-deleted.
+
+        Steps, each safe to kill (as `SourceStaging.publish`): drop the parts and the plan (source.json marks
+        the staging folder finished), rename the old source to `.<source>.old`, rename the staging folder into
+        place, remove the old copy. The next writer (`recover_publish`) completes or undoes a killed sequence.
+        """
+        if self._finished is None:
+            raise ValueError(f"{self.stage}: not finished (no source.json for this plan)")
+        shutil.rmtree(self.stage / _PARTS_DIR, ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):
+            (self.stage / _PLAN_FILE).unlink()
+        if self.final.exists():
+            if self.old.exists():
+                shutil.rmtree(self.old)
+            os.replace(self.final, self.old)
+        _swap_in(self.stage, self.final, self.old, self.fsync)

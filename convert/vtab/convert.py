@@ -7,7 +7,9 @@ prepared already), then read the protocol's support slices and its query slice i
 label with `convert.vtab.labels` and append image bytes + label + provenance to an `OrderedSourceWriter`.
 Image bytes are stored untouched, except dsprites' 0/1 masks, re-encoded as PNG with values x255 (as
 VTAB's preprocessing multiplies them). A complete source with the same fingerprint is skipped; a staged
-one resumes after its last committed shard.
+one resumes after its last committed shard, a finished staged one is published, and a publish killed
+half-way is completed or undone first (`manifests.staging.recover_publish`). `--fsync` adds power-loss
+durability as in `lite-convert md` (docs/architecture.md "Durability").
 
 TensorFlow and TFDS are imported lazily, inside the functions that read data.
 """
@@ -26,7 +28,7 @@ import numpy as np
 
 from manifests import schema
 from manifests.ordered_writer import OrderedSourceWriter, SampleOrigin
-from manifests.staging import output_lock
+from manifests.staging import output_lock, recover_publish
 from manifests.writer import is_complete, source_dir
 
 from convert.md import SourceResult, converter_version, sniff_format, source_result
@@ -41,7 +43,8 @@ Progress = Callable[[str, int], None]  # (task id, examples done since the last 
 
 @dataclasses.dataclass(frozen=True)
 class VtabConfig:
-    """`lite-convert vtab` settings; one field per CLI flag. Saved in source.json `extra["convert_config"]`."""
+    """`lite-convert vtab` settings; one field per CLI flag. Saved in source.json `extra["convert_config"]`
+    (without `fsync`, which never changes the output)."""
 
     tfds_data_dir: str  # TFDS data_dir holding the prepared datasets
     out: str  # output root; tasks go to <out>/vtab/<task>/ (protocol lite: <out>/vtab_lite/<task>/)
@@ -51,6 +54,7 @@ class VtabConfig:
     limit: int | None = None  # smoke runs: at most this many examples per slice (None = all)
     max_shard_samples: int = schema.DEFAULT_MAX_SHARD_SAMPLES
     max_shard_bytes: int = schema.DEFAULT_MAX_SHARD_BYTES
+    fsync: bool = False  # fsync every shard, manifest and folder before it counts (survives a power loss)
 
     def __post_init__(self):
         if self.protocol not in PROTOCOLS:
@@ -235,22 +239,25 @@ def convert_task(plan: TaskPlan, config: VtabConfig, progress: Progress | None =
     holds the output root's lock (`convert_vtab` does)."""
     start_time = time.perf_counter()
     task, group = plan.task, PROTOCOL_GROUP[config.protocol]
+    recovered = recover_publish(Path(config.out), group, task.task_id, fsync=config.fsync)  # killed half-way
     done = _up_to_date(Path(config.out), group, task.task_id, plan.fingerprint)
     if done is not None:
         if progress:
             progress(task.task_id, plan.num_examples)
-        return source_result(done, "up to date", start_time)
+        return source_result(done, "resumed" if recovered else "up to date", start_time)
     writer = OrderedSourceWriter(Path(config.out), group, task.task_id, fingerprint=plan.fingerprint,
-                                 max_shard_samples=config.max_shard_samples, max_shard_bytes=config.max_shard_bytes)
+                                 max_shard_samples=config.max_shard_samples, max_shard_bytes=config.max_shard_bytes,
+                                 fsync=config.fsync)
     resumed = writer.num_committed
-    builder = open_builder(task, config)
+    builder = open_builder(task, config) if resumed < plan.num_examples else None
     try:
         position = 0  # examples of the task order handled so far
         for read in plan.reads:
             skip = min(max(resumed - position, 0), read.count)
             if progress and skip:
                 progress(task.task_id, skip)
-            _convert_slice(writer, builder, task, read, skip, progress)
+            if skip < read.count:
+                _convert_slice(writer, builder, task, read, skip, progress)
             position += read.count
         info = writer.finish(plan.class_names, CLASS_SPLIT, {
             "origin": f"tfds {task.tfds_spec} ({config.tfds_data_dir})",
@@ -260,7 +267,8 @@ def convert_task(plan: TaskPlan, config: VtabConfig, progress: Progress | None =
             "sampling_spec": None,
             "tfds": schema.TfdsOrigin(task.tfds_name, task.tfds_config, task.tfds_version, plan.tfds_package_version,
                                       config.protocol, task.label_rule),
-            "extra": {"fingerprint": plan.fingerprint, "convert_config": dataclasses.asdict(config),
+            "extra": {"fingerprint": plan.fingerprint,
+                      "convert_config": {k: v for k, v in dataclasses.asdict(config).items() if k != "fsync"},
                       "group": task.group, "label_rule": LABEL_RULES[task.label_rule].describe,
                       "rescale_255": task.rescale_255},
         })

@@ -9,7 +9,9 @@ from __future__ import annotations
 import copy
 import io
 import json
+import os
 import shutil
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -117,3 +119,26 @@ def tiny(tiny_template, tmp_path) -> Path:
     root = tmp_path / "records"
     shutil.copytree(tiny_template, root)
     return root
+
+
+@pytest.fixture
+def fsynced(monkeypatch) -> list[tuple[int, int, bool]]:
+    """Every os.fsync call of this process, as (device, inode, is a folder) of the descriptor it was given.
+
+    Inodes survive the converter's renames and links, so they name the published files they became."""
+    calls: list[tuple[int, int, bool]] = []
+    real = os.fsync
+
+    def counting_fsync(fd: int) -> None:
+        st = os.fstat(fd)
+        calls.append((st.st_dev, st.st_ino, stat.S_ISDIR(st.st_mode)))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", counting_fsync)  # also seen by the writer's commit thread
+    return calls
+
+
+def inode(path: Path) -> tuple[int, int]:
+    """(device, inode) of a file, as `fsynced` records them."""
+    st = path.stat()
+    return st.st_dev, st.st_ino

@@ -3,8 +3,6 @@ and with `--fsync` every published data file, every manifest and the folders hol
 
 from __future__ import annotations
 
-import os
-import stat
 from pathlib import Path
 
 import numpy as np
@@ -12,25 +10,9 @@ import pytest
 from typer.testing import CliRunner
 
 from convert.cli import app
+from tests.convert.conftest import inode as _inode
 
 runner = CliRunner()
-
-
-@pytest.fixture
-def fsynced(monkeypatch) -> list[tuple[int, int, bool]]:
-    """Every os.fsync call of this process, as (device, inode, is a folder) of the descriptor it was given.
-
-    Inodes survive the converter's renames and links, so they name the published files they became."""
-    calls: list[tuple[int, int, bool]] = []
-    real = os.fsync
-
-    def counting_fsync(fd: int) -> None:
-        st = os.fstat(fd)
-        calls.append((st.st_dev, st.st_ino, stat.S_ISDIR(st.st_mode)))
-        real(fd)
-
-    monkeypatch.setattr(os, "fsync", counting_fsync)  # also seen by the writer's commit thread
-    return calls
 
 
 def _convert(records: Path, out: Path, *flags: str) -> None:
@@ -38,11 +20,6 @@ def _convert(records: Path, out: Path, *flags: str) -> None:
     result = runner.invoke(app, ["md", "--records", str(records), "--out", str(out), "--max-shard-samples", "2",
                                  *flags])
     assert result.exit_code == 0, result.output
-
-
-def _inode(path: Path) -> tuple[int, int]:
-    st = path.stat()
-    return st.st_dev, st.st_ino
 
 
 def test_default_conversion_calls_no_fsync(tiny, tmp_path, fsynced):
