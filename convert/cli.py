@@ -65,21 +65,19 @@ MIN_EPISODE_IMAGES = 2
 
 
 def _warn_small_classes(out: Path, results) -> None:
-    """One warning line per converted class with fewer than MIN_EPISODE_IMAGES images (reads classes.parquet)."""
-    from manifests.reader import SourceReader
+    """One warning line per converted class with fewer than MIN_EPISODE_IMAGES images (reads classes.parquet
+    with `ParquetFile.read`: `pq.read_table` would import pyarrow.dataset and pandas at every run)."""
+    import pyarrow.parquet as pq
 
+    columns = ["class_id", "name", "split", "num_images"]
     for r in results:
-        reader = SourceReader(Path(out) / r.source, verify_checksums=False)
-        try:
-            rows = zip(*(reader.classes[c].to_pylist() for c in ("class_id", "name", "split", "num_images")))
-            for class_id, name, split, count in rows:
-                if count >= MIN_EPISODE_IMAGES:
-                    continue
+        table = pq.ParquetFile(Path(out) / r.source / schema.CLASSES_FILE).read(columns=columns)
+        for class_id, name, split, count in zip(*(table[c].to_pylist() for c in columns)):
+            if count < MIN_EPISODE_IMAGES:
                 _err.print(f"warning: {r.source}: class {class_id} {name!r} ({split}) has {count} image(s); an MD "
-                           f"episode needs at least {MIN_EPISODE_IMAGES} per class (fixed shots: shots + query), so training or testing "
-                           "on its split will refuse it", markup=False, highlight=False, soft_wrap=True)
-        finally:
-            reader.close()
+                           f"episode needs at least {MIN_EPISODE_IMAGES} per class (fixed shots: shots + query), "
+                           "so training or testing on its split will refuse it", markup=False, highlight=False,
+                           soft_wrap=True)
 
 
 @app.command()
