@@ -57,16 +57,25 @@ def verify_source(
     num_rows = manifest.metadata.num_rows
     _check(num_rows == info.num_samples, where / schema.SAMPLES_FILE,
            f"{num_rows} rows, source.json says {info.num_samples}")
-    # The integer columns as NumPy arrays (28 bytes per sample); keys, formats and CRCs are read one record
-    # batch at a time, so no column is ever held as Python objects.
-    ints = manifest.read(columns=["class_id", "index_in_class", "shard", "offset", "size"])
-    class_ids = ints["class_id"].to_numpy()
-    index_in_class = ints["index_in_class"].to_numpy()
-    for field in ("offset", "size", "shard"):
-        bad = np.flatnonzero(reader.index[field] != ints[field].to_numpy())
-        _check(bad.size == 0, where / schema.INDEX_FILE,
-               f"column {field} differs from samples.parquet at row {bad[:1].tolist()}")
-    del ints
+    # class_id and index_in_class are kept as int32 NumPy arrays (8 bytes per sample: the class checks need
+    # them whole); shard/offset/size are compared with the index one record batch at a time, and keys,
+    # formats and CRCs are read batch by batch below, so no column is held whole in int64 or as Python objects.
+    class_ids = np.empty(num_rows, np.int32)
+    index_in_class = np.empty(num_rows, np.int32)
+    start = 0
+    for batch in manifest.iter_batches(batch_size=_BATCH_ROWS,
+                                       columns=["class_id", "index_in_class", "shard", "offset", "size"]):
+        stop = start + batch.num_rows
+        for i, field in enumerate(("class_id", "index_in_class")):
+            column = batch.column(i).to_numpy()
+            _check(bool(np.all((column >= 0) & (column <= np.iinfo(np.int32).max))), where / schema.SAMPLES_FILE,
+                   f"column {field}: a value outside [0, 2**31) in rows {start}..{stop - 1}")
+            (class_ids if i == 0 else index_in_class)[start:stop] = column
+        for i, field in enumerate(("shard", "offset", "size"), start=2):
+            bad = np.flatnonzero(reader.index[field][start:stop] != batch.column(i).to_numpy())
+            _check(bad.size == 0, where / schema.INDEX_FILE,
+                   f"column {field} differs from samples.parquet at row {(start + bad[:1]).tolist()}")
+        start = stop
     if info.layout == "ordered":  # format version 2: VTAB tasks (manifests/provenance.py)
         from manifests.provenance import verify_ordered
 
