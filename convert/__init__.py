@@ -4,10 +4,26 @@ The only package allowed to import TensorFlow (lazily, for writing genuine recor
 it never imports torch. Reading TFRecords needs no TF (`convert.tfrecord`).
 """
 
-from convert.demo_data import write_demo_data, write_md_records
-from convert.md import ConvertConfig, SourceResult, convert_planned, convert_run, plan_datasets
-from convert.mnist import MnistConfig, convert_mnist, read_mnist_idx
-from convert.tfrecord import RecordError, iter_records, parse_example, read_md_example
+import importlib
+
+# Exported names -> defining module, imported on first use (PEP 562): `lite-convert md` then loads only
+# the modules it runs, not every converter's (start-up is part of every conversion's time, BENCHMARKS.md).
+_EXPORTS = {
+    "ConvertConfig": "convert.md",
+    "MnistConfig": "convert.mnist",
+    "RecordError": "convert.tfrecord",
+    "SourceResult": "convert.md",
+    "convert_mnist": "convert.mnist",
+    "convert_planned": "convert.md",
+    "convert_run": "convert.md",
+    "iter_records": "convert.tfrecord",
+    "parse_example": "convert.tfrecord",
+    "plan_datasets": "convert.md",
+    "read_md_example": "convert.tfrecord",
+    "read_mnist_idx": "convert.mnist",
+    "write_demo_data": "convert.demo_data",
+    "write_md_records": "convert.demo_data",
+}
 
 __all__ = [
     "ConvertConfig",
@@ -25,3 +41,15 @@ __all__ = [
     "write_demo_data",
     "write_md_records",
 ]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

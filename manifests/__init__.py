@@ -3,13 +3,32 @@
 Depends on pyarrow and numpy only, so any project can read converted sources through it.
 """
 
-from manifests.ordered_writer import OrderedSourceWriter, SampleOrigin
-from manifests.provenance import read_provenance, role_rows
-from manifests.reader import FilePool, ManifestError, SourceReader, find_sources, open_source
-from manifests.schema import FORMAT_VERSION, SourceInfo, ShardInfo, TfdsOrigin, sample_key, shard_name
-from manifests.verify import VerifyReport, verify_source
-from manifests.staging import SourceWriter
-from manifests.writer import ClassRecord, is_complete
+import importlib
+
+# Exported names -> defining module, imported on first use (PEP 562): `lite-convert md` then loads only
+# the modules it runs, not every converter's (start-up is part of every conversion's time, BENCHMARKS.md).
+_EXPORTS = {
+    "ClassRecord": "manifests.writer",
+    "FORMAT_VERSION": "manifests.schema",
+    "FilePool": "manifests.reader",
+    "ManifestError": "manifests.reader",
+    "OrderedSourceWriter": "manifests.ordered_writer",
+    "SampleOrigin": "manifests.ordered_writer",
+    "ShardInfo": "manifests.schema",
+    "SourceInfo": "manifests.schema",
+    "SourceReader": "manifests.reader",
+    "SourceWriter": "manifests.staging",
+    "TfdsOrigin": "manifests.schema",
+    "VerifyReport": "manifests.verify",
+    "find_sources": "manifests.reader",
+    "is_complete": "manifests.writer",
+    "open_source": "manifests.reader",
+    "read_provenance": "manifests.provenance",
+    "role_rows": "manifests.provenance",
+    "sample_key": "manifests.schema",
+    "shard_name": "manifests.schema",
+    "verify_source": "manifests.verify",
+}
 
 __all__ = [
     "FORMAT_VERSION",
@@ -33,3 +52,15 @@ __all__ = [
     "shard_name",
     "verify_source",
 ]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -110,3 +110,24 @@ def test_decoding_through_manifests_loads_neither_torch_nor_tensorflow():
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("package", ["convert", "manifests"])
+def test_every_lazy_export_resolves_to_its_defining_module(package):
+    # The package __init__s export their API lazily (PEP 562); each name must be listed once and resolve.
+    import importlib
+
+    module = importlib.import_module(package)
+    assert sorted(module.__all__) == sorted(module._EXPORTS)
+    for name in module.__all__:
+        value = getattr(module, name)
+        assert getattr(importlib.import_module(module._EXPORTS[name]), name) is value, name
+
+
+def test_importing_the_converter_cli_loads_no_vtab_demo_or_verify_code():
+    # Start-up is part of every `lite-convert md` run's time (BENCHMARKS.md, converter rows).
+    code = ("import sys, convert.cli; print(sorted(m for m in sys.modules if m in "
+            "{'convert.vtab', 'convert.demo_data', 'convert.mnist', 'manifests.verify', 'manifests.ordered_writer'}))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"
