@@ -111,12 +111,7 @@ class SourceStaging:
     # -- recovery -----------------------------------------------------------------------------------------
     def finished_info(self) -> schema.SourceInfo | None:
         """The SourceInfo of a staging folder whose source.json was written for this plan, else None."""
-        path = self.stage / schema.SOURCE_FILE
-        try:
-            info = schema.SourceInfo.from_json(path.read_text(), origin=str(path))
-        except (OSError, ValueError, TypeError, KeyError):
-            return None
-        return info if info.extra.get("staging_plan") == self.plan else None
+        return finished_staging_info(self.stage, self.plan)
 
     def _recover(self) -> None:
         recover_publish(self.root, self.group, self.source, fsync=self.fsync)
@@ -266,17 +261,36 @@ class SourceStaging:
         """
         if self.finished_info() is None:
             raise ValueError(f"{self.stage}: not finished (no source.json for this plan)")
-        shutil.rmtree(self.stage / _RUNS_DIR, ignore_errors=True)
-        with contextlib.suppress(FileNotFoundError):
-            (self.stage / _PLAN_FILE).unlink()
-        if self.final.exists():
-            if self.old.exists():
-                shutil.rmtree(self.old)
-            os.replace(self.final, self.old)
-        self._swap_in()
+        publish_staged(self.stage, self.final, self.old, _RUNS_DIR, self._swap_in)
 
     def _swap_in(self) -> None:
         _swap_in(self.stage, self.final, self.old, self.fsync)
+
+
+def finished_staging_info(stage: Path, plan: dict[str, Any]) -> schema.SourceInfo | None:
+    """The SourceInfo of a staging folder whose source.json was written for `plan` (its `staging_plan`), else
+    None: such a folder is finished and only waits to be published."""
+    path = stage / schema.SOURCE_FILE
+    try:
+        info = schema.SourceInfo.from_json(path.read_text(), origin=str(path))
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    return info if info.extra.get("staging_plan") == plan else None
+
+
+def publish_staged(stage: Path, final: Path, old: Path, work_dir: str, swap_in: Callable[[], None]) -> None:
+    """The publish sequence of `SourceStaging` and `OrderedSourceWriter`, each step safe to kill: drop the
+    staging folder's `work_dir` and plan (its source.json marks it finished), rename an existing source to
+    `old`, then `swap_in()` (rename the staging folder into place, remove the old copy: `_swap_in`).
+    `recover_publish` completes or undoes a sequence killed half-way."""
+    shutil.rmtree(stage / work_dir, ignore_errors=True)
+    with contextlib.suppress(FileNotFoundError):
+        (stage / _PLAN_FILE).unlink()
+    if final.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+    swap_in()
 
 
 def _old_dir(root: Path, group: str, source: str) -> Path:
