@@ -27,7 +27,7 @@ test: $(STAMP)
 demo: $(STAMP)
 	rm -rf $(DEMO)
 	$(BIN)/lite-convert demo-data $(DEMO)/records
-	$(BIN)/lite-convert md --records $(DEMO)/records --out $(DEMO)/shards --workers 2
+	$(BIN)/lite-convert md --records $(DEMO)/records --out $(DEMO)/shards
 	$(BIN)/lite-convert mnist --idx-dir $(DEMO)/records/mnist_idx --out $(DEMO)/shards
 	$(BIN)/lite-convert verify $(DEMO)/shards --decode --records $(DEMO)/records
 	$(BIN)/lite-train describe --data $(DEMO)/shards --source demo_glyphs --split test --seed 0 --count 3
@@ -46,7 +46,7 @@ demo: $(STAMP)
 # Convert real Meta-Dataset records: make convert RECORDS=/path/to/records [DATA=data]
 convert: $(STAMP)
 	@test -n "$(RECORDS)" || { echo "usage: make convert RECORDS=<MD records root> [DATA=<out>]"; exit 2; }
-	$(BIN)/lite-convert md --records $(RECORDS) --out $(DATA) --workers 2
+	$(BIN)/lite-convert md --records $(RECORDS) --out $(DATA)
 	$(BIN)/lite-convert verify $(DATA) --records $(RECORDS)
 
 bench: $(STAMP)

@@ -4,8 +4,8 @@ memory of converting + verifying a source of millions of tiny samples.
 Table 1 writes one dataset of N classes x M records of ~S-byte JPEG-like payloads (a JPEG magic + random bytes,
 framed by `convert.tfrecord.frame`, which TF's writer matches byte for byte), then times, in one run and on the
 same (page-cached) files: a raw sequential read, `shutil.copyfile` of every record file (without and with an
-fsync of each copy), the `lite-convert md` CLI with `--workers 1` and `--workers 2` (its default: no fsync) and
-with `--workers 1 --fsync` (subprocesses, start-up included; one dataset, so the two workers split its runs),
+fsync of each copy), the `lite-convert md` CLI with `--workers 1` and its default (one worker per core; no fsync)
+and with `--workers 1 --fsync` (subprocesses, start-up included; one dataset, so the workers split its runs),
 and `lite-convert verify --records` over the result. The shard limit is set so that the dataset has several runs
 (`manifests.writer.plan_runs`) for the workers to share. Every step starts after an (untimed) `os.sync()`, so
 that none pays for writing back what an earlier one left dirty.
@@ -108,12 +108,15 @@ def throughput(classes: int, per_class: int, size: int, runs: int, workdir: Path
     inside: dict[str, float] = {}
     digests: dict[str, dict[str, str]] = {}
 
-    def convert(workers: int, *flags: str):
+    def _name(workers: int | None, flags: tuple[str, ...]) -> str:
+        return f"out-{workers or 'default'}{''.join(flags)}"
+
+    def convert(workers: int | None, *flags: str):
+        """The CLI with `--workers workers` (None: its default, one per core) and `flags`."""
         def run() -> None:
-            name = f"out{workers}{''.join(flags)}"
-            inside[name] = _converter_seconds(_cli("md", "--records", str(records), "--out", str(workdir / name),
-                                                   "--workers", str(workers), "--max-shard-bytes", str(shard_bytes),
-                                                   *flags))
+            inside[_name(workers, flags)] = _converter_seconds(_cli(
+                "md", "--records", str(records), "--out", str(workdir / _name(workers, flags)),
+                "--max-shard-bytes", str(shard_bytes), *flags, *(() if workers is None else ("--workers", str(workers)))))
         return run
 
     def timed_step(fn, output: str | None = None, keep: bool = False, fresh: bool = True) -> float:
@@ -139,25 +142,30 @@ def throughput(classes: int, per_class: int, size: int, runs: int, workdir: Path
         inside.update(best_inside)
         return best
 
+    from convert.md import default_workers
+
+    cores = default_workers()
     read_all()  # page-cache the records, so that every step below reads from memory
     of_which = "… of which converting (summary `seconds`, no start-up)"  # the same run without interpreter start-up
     rows = [("raw sequential read", min(_timed(read_all) for _ in range(repeat))),
             ("shutil.copyfile", timed_step(copy_all, "copy")),
             ("shutil.copyfile + fsync of each copy", timed_step(lambda: copy_all(durable=True), "copy-fsync")),
-            ("lite-convert md --workers 1", timed_step(convert(1), "out1", keep=True)),
-            (f"{of_which}, --workers 1", inside["out1"]),
+            ("lite-convert md --workers 1", timed_step(convert(1), _name(1, ()), keep=True)),
+            (f"{of_which}, --workers 1", inside[_name(1, ())]),
             ("lite-convert verify --records (shards + records)",
-             timed_step(lambda: _cli("verify", str(workdir / "out1"), "--records", str(records)), "out1",
-                        fresh=False)),
-            ("lite-convert md --workers 2", timed_step(convert(2), "out2")),
-            (f"{of_which}, --workers 2", inside["out2"]),
-            ("lite-convert md --workers 1 --fsync", timed_step(convert(1, "--fsync"), "out1--fsync")),
-            (f"{of_which}, --workers 1 --fsync", inside["out1--fsync"])]
-    identical = bool(digests["out1"]) and digests["out1"] == digests["out2"] == digests["out1--fsync"]
+             timed_step(lambda: _cli("verify", str(workdir / _name(1, ())), "--records", str(records)),
+                        _name(1, ()), fresh=False)),
+            (f"lite-convert md (default --workers: one per core, {cores} here)",
+             timed_step(convert(None), _name(None, ()))),
+            (f"{of_which}, default --workers", inside[_name(None, ())]),
+            ("lite-convert md --workers 1 --fsync", timed_step(convert(1, "--fsync"), _name(1, ("--fsync",)))),
+            (f"{of_which}, --workers 1 --fsync", inside[_name(1, ("--fsync",))])]
+    outputs = [digests.get(_name(w, f)) for w, f in ((1, ()), (None, ()), (1, ("--fsync",)))]
+    identical = bool(outputs[0]) and outputs[0] == outputs[1] == outputs[2]
     copy_s = rows[1][1]
     lines = [f"Conversion throughput: one dataset of {classes} classes x {per_class} records, ~{size / 1e3:.0f} KB "
              f"each, {total / 1e6:,.0f} MB of records, page-cached; `--max-shard-bytes {shard_bytes}` cuts it into "
-             f"{runs} runs. Output of 1 and 2 workers and of `--fsync` byte-identical: "
+             f"{runs} runs. Output of 1 worker, the default ({cores}) and `--fsync` byte-identical: "
              f"{'yes' if identical else 'NO'}. By default the converter does not fsync (a killed conversion loses "
              f"nothing and resumes; staged shards are re-checked first), like the plain copy; `--fsync` fsyncs every "
              f"shard, manifest and folder before it counts, like the copy + fsync row (what durability against a "

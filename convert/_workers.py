@@ -14,6 +14,7 @@ gone. Fork (not spawn) keeps start-up free of re-imports; this process starts no
 from __future__ import annotations
 
 import ctypes
+import gc
 import multiprocessing as mp
 import os
 import pickle
@@ -70,15 +71,24 @@ def run_tasks(total: int, work: Callable[[int, Callable], Any], on_done: Callabl
     ctx = mp.get_context("fork")
     counter = ctx.Value("q", 0)
     procs, conns = [], []
+    # The workers inherit this process's objects frozen: their collections then never walk (nor copy-on-write
+    # copy the pages of) the objects from before the fork (the `gc.freeze` recipe). A caller that froze its
+    # own objects keeps them frozen; otherwise this process unfreezes once the workers are started.
+    unfreeze = gc.get_freeze_count() == 0
+    gc.freeze()
     try:
-        for _ in range(min(workers, total)):
-            receive, send = ctx.Pipe(duplex=False)
-            proc = ctx.Process(target=_worker, args=(os.getpid(), counter, total, work, send, close_fds),
-                               daemon=True)
-            proc.start()
-            send.close()
-            procs.append(proc)
-            conns.append(receive)
+        try:
+            for _ in range(min(workers, total)):
+                receive, send = ctx.Pipe(duplex=False)
+                proc = ctx.Process(target=_worker, args=(os.getpid(), counter, total, work, send, close_fds),
+                                   daemon=True)
+                proc.start()
+                send.close()
+                procs.append(proc)
+                conns.append(receive)
+        finally:
+            if unfreeze:
+                gc.unfreeze()
         live = dict(zip(conns, procs))
         while live:
             for ready in wait(list(live) + [p.sentinel for p in live.values()]):

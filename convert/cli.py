@@ -9,6 +9,7 @@ datasets -> one ordered source per VTAB task), `verify` (shards vs manifests),
 from __future__ import annotations
 
 import functools
+import gc
 import time
 from pathlib import Path
 
@@ -23,6 +24,17 @@ from manifests import schema
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
 _out = Console()
 _err = Console(stderr=True)
+
+
+_ONE_SHOT = False  # True when this process ends with the command (`main`), not in tests that invoke `app`
+
+
+def _freeze_imports() -> None:
+    """In a one-shot process, freeze what is imported by now (it lives until exit): the collector then never
+    walks it again, neither in the collections a conversion triggers nor at interpreter exit, and forked
+    workers inherit it frozen (BENCHMARKS.md, converter). Not in a process that goes on, such as pytest's."""
+    if _ONE_SHOT:
+        gc.freeze()
 
 
 def _guard(fn):
@@ -86,7 +98,8 @@ def md(
     records: Path = typer.Option(..., help="Meta-Dataset records root (one folder per dataset)."),
     out: Path = typer.Option(..., help="Output root; sources go to <out>/md/<dataset>/."),
     datasets: str = typer.Option("", help="Comma-separated dataset folders (default: every one with a spec)."),
-    workers: int = typer.Option(1, help="Processes converting in parallel (also inside one dataset)."),
+    workers: int | None = typer.Option(None, show_default="one per CPU core, at most 8",
+                                help="Processes converting in parallel (also inside one dataset)."),
     max_shard_samples: int = typer.Option(schema.DEFAULT_MAX_SHARD_SAMPLES, help="Samples per shard at most."),
     max_shard_bytes: int = typer.Option(schema.DEFAULT_MAX_SHARD_BYTES, help="Image bytes per shard at most."),
     fsync: bool = typer.Option(False, "--fsync", help="Fsync every shard, manifest and folder before it counts, so "
@@ -94,11 +107,13 @@ def md(
                                                       "without it)."),
 ):
     """Convert Meta-Dataset TFRecords into shards + manifests."""
-    from convert.md import ConvertConfig, convert_planned, plan_datasets
+    from convert.md import ConvertConfig, convert_planned, default_workers, plan_datasets
 
+    _freeze_imports()
     config = ConvertConfig(records=str(records), out=str(out),
                            datasets=tuple(d for d in datasets.split(",") if d),
-                           workers=workers, max_shard_samples=max_shard_samples,
+                           workers=default_workers() if workers is None else workers,
+                           max_shard_samples=max_shard_samples,
                            max_shard_bytes=max_shard_bytes, fsync=fsync)
     plans = plan_datasets(config)
     columns = (TextColumn("{task.description:<16}"), BarColumn(), MofNCompleteColumn(), _RateColumn(),
@@ -242,6 +257,8 @@ def demo_data(
 
 def main() -> None:
     """Console-script entry point (`lite-convert`)."""
+    global _ONE_SHOT
+    _ONE_SHOT = True
     app()
 
 

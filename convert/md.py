@@ -19,15 +19,14 @@ import hashlib
 import json
 import os
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from isal import isal_zlib
 
 from manifests import schema
+from manifests._version import __version__
 from manifests.md_spec import MDSpec, load_md_spec
-from manifests.reader import SourceReader
 from manifests.staging import SourceStaging, output_lock, recover_publish
 from manifests.writer import ClassRecord, RunWriter, is_complete, plan_runs, source_dir, warm_up
 
@@ -46,6 +45,19 @@ _MAGIC = ((b"\xff\xd8\xff", "jpg"), (b"\x89PNG\r\n\x1a\n", "png"))
 Progress = Callable[[str, int, int], None]  # (dataset, records done since last call, bytes since last call)
 
 
+MAX_DEFAULT_WORKERS = 8  # each worker holds one class file in memory (ILSVRC's: ~150 MB)
+
+
+def default_workers() -> int:
+    """One converting process per CPU core this process may run on (its affinity: a batch job's share), at most
+    MAX_DEFAULT_WORKERS. The output is the same for any number of workers."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, MAX_DEFAULT_WORKERS))
+
+
 @dataclasses.dataclass(frozen=True)
 class ConvertConfig:
     """`lite-convert md` settings; one field per CLI flag. Saved in source.json `extra["convert_config"]`."""
@@ -53,7 +65,7 @@ class ConvertConfig:
     records: str  # MD records root: one folder per dataset
     out: str  # output root; sources go to <out>/md/<dataset>/
     datasets: tuple[str, ...] = ()  # dataset folder names; () = every folder with a dataset_spec.json
-    workers: int = 1  # processes converting runs (of one or several datasets) in parallel
+    workers: int = dataclasses.field(default_factory=default_workers)  # processes converting runs in parallel
     max_shard_samples: int = schema.DEFAULT_MAX_SHARD_SAMPLES
     max_shard_bytes: int = schema.DEFAULT_MAX_SHARD_BYTES
     fsync: bool = False  # fsync every shard, manifest and folder before it counts (survives a power loss)
@@ -95,11 +107,9 @@ class DatasetPlan:
 
 
 def converter_version() -> str:
-    """The installed lite-train version (written into every source.json)."""
-    try:
-        return metadata.version("lite-train")
-    except metadata.PackageNotFoundError:
-        return "0+unknown"
+    """The lite-train version (written into every source.json); the package metadata gets it from the same
+    constant, which is read here without importing importlib.metadata (part of every command's start-up)."""
+    return __version__
 
 
 def sniff_format(data: bytes | memoryview, where: str) -> str:
@@ -287,6 +297,8 @@ def compare_with_records(source_path: str | os.PathLike, records: str | os.PathL
         RecordError / ValueError: the first difference, naming the record file, the record index and the
             shard member it was compared with.
     """
+    from manifests.reader import SourceReader  # here: `lite-convert md` never reads a source back
+
     reader = SourceReader(source_path)
     folder = Path(records) / reader.info.source
     images = nbytes = 0

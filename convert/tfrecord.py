@@ -82,8 +82,9 @@ class ReadBuffer:
         """The bytes of `path`, a view valid until the next `read`."""
         with open(path, "rb", buffering=0) as f:
             size = os.fstat(f.fileno()).st_size
-            if len(self._data) < size:
-                self._data = bytearray(size)  # a new one: views of the old one stay valid
+            if len(self._data) < size:  # a new one (views of the old one stay valid), with room to spare: files
+                # of one dataset differ in size, and each new buffer zero-fills and faults in all its pages
+                self._data = bytearray(size + size // 4)
             view = memoryview(self._data)[:size]
             done = 0
             while done < size:

@@ -37,7 +37,7 @@ def _same_source(a: Path, b: Path) -> None:
 
 @pytest.fixture
 def reference(tiny, tmp_path) -> Path:
-    _convert(tiny, tmp_path / "reference")
+    _convert(tiny, tmp_path / "reference", workers=1)
     return tmp_path / "reference" / "md" / "tiny"
 
 

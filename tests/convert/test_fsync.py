@@ -18,7 +18,7 @@ runner = CliRunner()
 def _convert(records: Path, out: Path, *flags: str) -> None:
     # One worker: the conversion runs in this process, where os.fsync is counted.
     result = runner.invoke(app, ["md", "--records", str(records), "--out", str(out), "--max-shard-samples", "2",
-                                 *flags])
+                                 "--workers", "1", *flags])
     assert result.exit_code == 0, result.output
 
 

@@ -43,7 +43,8 @@ def reference(tmp_path_factory):
     """The records and an uninterrupted one-worker conversion of them."""
     root = tmp_path_factory.mktemp("resume")
     records = _records(root / "records")
-    config = ConvertConfig(records=str(records), out=str(root / "reference"), max_shard_samples=SHARD)
+    config = ConvertConfig(records=str(records), out=str(root / "reference"), max_shard_samples=SHARD,
+                           workers=1)
     convert_planned(plan_datasets(config), config)
     return records, root / "reference" / "md" / "big"
 
