@@ -147,6 +147,8 @@ def mnist(
     """Convert the 10,000 MNIST test digits into the `mnist` source."""
     from convert.mnist import MnistConfig, convert_mnist
 
+    _freeze_imports()
+
     config = MnistConfig(idx_dir=str(idx_dir), out=str(out), lossless=lossless, fsync=fsync)
     with Progress(TextColumn("mnist"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=_err) as progress:
@@ -172,6 +174,8 @@ def vtab(
 ):
     """Convert the VTAB-1k tasks from prepared TFDS datasets into ordered shards + manifests."""
     from convert.vtab.convert import VtabConfig, convert_vtab
+
+    _freeze_imports()
 
     config = VtabConfig(tfds_data_dir=str(tfds_data_dir), out=str(out),
                         manual_dir=None if manual_dir is None else str(manual_dir),
@@ -201,6 +205,8 @@ def verify(
     from manifests.decode import decode_rgb  # the decoder training uses: verify passes = training reads all
     from manifests.reader import find_sources
     from manifests.verify import verify_source
+
+    _freeze_imports()
 
     sources = find_sources(out)
     if not sources:
