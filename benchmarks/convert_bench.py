@@ -14,9 +14,10 @@ Table 2 writes a source of `--tiny-samples` (default 5 million) ~100-byte sample
 `lite-convert md` runs per sample, without the record parsing) and verifies it, each in its own process, and
 reports the peak RSS of each; the text extrapolates to quickdraw (~50 million samples).
 
-Each row is the best of 3 runs (a single copy of 1 GB moved by a third between runs here). Each step's output is
-fingerprinted (sha256 per shard) and deleted, untimed, before the next run, so no step pays for reclaiming the
-page cache of earlier ones; the identity check compares those fingerprints.
+Table 1 runs 5 rounds of every step, in order, and reports each step's best round (a single copy of 1 GB moved
+by a third between runs here; in rounds, a slow spell of this shared machine hits the copy and the converter
+alike). Each step's output is fingerprinted (sha256 per shard) and deleted, untimed, before the next step, so no
+step pays for reclaiming the page cache of earlier ones; the identity check compares those fingerprints.
 
 Usage: `python -m benchmarks.convert_bench --out BENCH.md` (`--tiny-samples 0`: table 1 only).
 """
@@ -81,9 +82,9 @@ def _converter_seconds(summary: str) -> float:
 
 
 def throughput(classes: int, per_class: int, size: int, runs: int, workdir: Path, seed: int = 0,
-               repeat: int = 3) -> str:
-    """Table 1: read, copy, convert with 1 and 2 workers, verify --records, each the best of `repeat` runs;
-    returns the Markdown."""
+               repeat: int = 5) -> str:
+    """Table 1: read, copy, convert with 1 worker and the default, verify --records; `repeat` rounds of every
+    step, each row the best of its rounds; returns the Markdown."""
     records = workdir / "records"
     total = write_synthetic(records, classes, per_class, size, seed)
     files = sorted((records / "bench").glob("*.tfrecords"))
@@ -105,7 +106,7 @@ def throughput(classes: int, per_class: int, size: int, runs: int, workdir: Path
                 with open(dst / p.name, "rb") as f:
                     os.fsync(f.fileno())
 
-    inside: dict[str, float] = {}
+    inside: dict[str, list[float]] = {}  # output folder -> the converter's own summary seconds, per round
     digests: dict[str, dict[str, str]] = {}
 
     def _name(workers: int | None, flags: tuple[str, ...]) -> str:
@@ -114,53 +115,53 @@ def throughput(classes: int, per_class: int, size: int, runs: int, workdir: Path
     def convert(workers: int | None, *flags: str):
         """The CLI with `--workers workers` (None: its default, one per core) and `flags`."""
         def run() -> None:
-            inside[_name(workers, flags)] = _converter_seconds(_cli(
-                "md", "--records", str(records), "--out", str(workdir / _name(workers, flags)),
-                "--max-shard-bytes", str(shard_bytes), *flags, *(() if workers is None else ("--workers", str(workers)))))
+            name = _name(workers, flags)
+            inside.setdefault(name, []).append(_converter_seconds(_cli(
+                "md", "--records", str(records), "--out", str(workdir / name), "--max-shard-bytes", str(shard_bytes),
+                *flags, *(() if workers is None else ("--workers", str(workers))))))
         return run
 
-    def timed_step(fn, output: str | None = None, keep: bool = False, fresh: bool = True) -> float:
-        """The best of `repeat` runs of `_timed(fn)` (the converter's own summary seconds likewise, in
-        `inside`); after each run the step's output is fingerprinted and deleted untimed (`fresh`: before the
-        next run too, since a conversion into a finished output is a no-op; `keep`: not after the last run):
-        outputs left in the page cache would make every later step pay for reclaiming memory (on a VM with
-        little spare RAM, several GB of them slowed later writers several-fold)."""
-        best, best_inside = float("inf"), {}
-        for attempt in range(repeat):
-            seconds = _timed(fn)
-            best = min(best, seconds)
-            best_inside = {k: min(v, best_inside.get(k, v)) for k, v in inside.items()}
-            if output is not None:
-                folder = workdir / output
-                source = folder / "md" / "bench"
-                if source.is_dir():
-                    digests[output] = {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
-                                       for p in sorted(source.iterdir()) if p.name != "source.json"}
-                last = attempt == repeat - 1
-                if (fresh and not last) or (last and not keep):
-                    shutil.rmtree(folder)
-        inside.update(best_inside)
-        return best
+    def fingerprint(output: str) -> None:
+        source = workdir / output / "md" / "bench"
+        if source.is_dir():
+            digests[output] = {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+                               for p in sorted(source.iterdir()) if p.name != "source.json"}
 
     from convert.md import default_workers
 
     cores = default_workers()
+    one, default, durable = _name(1, ()), _name(None, ()), _name(1, ("--fsync",))
+    # (row, step, the folder it writes, the folder removed after it, the label of its "of which" row). Every
+    # output is fingerprinted and removed (untimed) right after its step, except `one`, which the verify step
+    # reads: a conversion into a finished output would be a no-op, and outputs left in the page cache would make
+    # every later step pay for reclaiming memory (on a VM with little spare RAM, several GB of them slowed later
+    # writers several-fold).
+    steps = [("raw sequential read", read_all, None, None, None),
+             ("shutil.copyfile", copy_all, "copy", "copy", None),
+             ("shutil.copyfile + fsync of each copy", lambda: copy_all(durable=True), "copy-fsync", "copy-fsync",
+              None),
+             ("lite-convert md --workers 1", convert(1), one, None, "--workers 1"),
+             ("lite-convert verify --records (shards + records)",
+              lambda: _cli("verify", str(workdir / one), "--records", str(records)), None, one, None),
+             (f"lite-convert md (default --workers: one per core, {cores} here)", convert(None), default, default,
+              "default --workers"),
+             ("lite-convert md --workers 1 --fsync", convert(1, "--fsync"), durable, durable, "--workers 1 --fsync")]
+    times: dict[str, list[float]] = {row: [] for row, *_ in steps}
     read_all()  # page-cache the records, so that every step below reads from memory
+    for _ in range(repeat):  # rounds of every step, so that a slow spell of the machine hits all steps alike
+        for row, step, writes, removes, _label in steps:
+            times[row].append(_timed(step))
+            if writes is not None:
+                fingerprint(writes)
+            if removes is not None:
+                shutil.rmtree(workdir / removes)
     of_which = "… of which converting (summary `seconds`, no start-up)"  # the same run without interpreter start-up
-    rows = [("raw sequential read", min(_timed(read_all) for _ in range(repeat))),
-            ("shutil.copyfile", timed_step(copy_all, "copy")),
-            ("shutil.copyfile + fsync of each copy", timed_step(lambda: copy_all(durable=True), "copy-fsync")),
-            ("lite-convert md --workers 1", timed_step(convert(1), _name(1, ()), keep=True)),
-            (f"{of_which}, --workers 1", inside[_name(1, ())]),
-            ("lite-convert verify --records (shards + records)",
-             timed_step(lambda: _cli("verify", str(workdir / _name(1, ())), "--records", str(records)),
-                        _name(1, ()), fresh=False)),
-            (f"lite-convert md (default --workers: one per core, {cores} here)",
-             timed_step(convert(None), _name(None, ()))),
-            (f"{of_which}, default --workers", inside[_name(None, ())]),
-            ("lite-convert md --workers 1 --fsync", timed_step(convert(1, "--fsync"), _name(1, ("--fsync",)))),
-            (f"{of_which}, --workers 1 --fsync", inside[_name(1, ("--fsync",))])]
-    outputs = [digests.get(_name(w, f)) for w, f in ((1, ()), (None, ()), (1, ("--fsync",)))]
+    rows = []
+    for row, _step, writes, _removes, label in steps:
+        rows.append((row, min(times[row])))
+        if label is not None:
+            rows.append((f"{of_which}, {label}", min(inside[writes])))
+    outputs = [digests.get(name) for name in (one, default, durable)]
     identical = bool(outputs[0]) and outputs[0] == outputs[1] == outputs[2]
     copy_s = rows[1][1]
     lines = [f"Conversion throughput: one dataset of {classes} classes x {per_class} records, ~{size / 1e3:.0f} KB "
@@ -169,8 +170,8 @@ def throughput(classes: int, per_class: int, size: int, runs: int, workdir: Path
              f"{'yes' if identical else 'NO'}. By default the converter does not fsync (a killed conversion loses "
              f"nothing and resumes; staged shards are re-checked first), like the plain copy; `--fsync` fsyncs every "
              f"shard, manifest and folder before it counts, like the copy + fsync row (what durability against a "
-             f"power loss costs on this disk). Each row is the best of {repeat} runs; ratio: throughput / "
-             "shutil.copyfile's, same run.", "",
+             f"power loss costs on this disk). {repeat} rounds, each running every step once in this order; each "
+             "row is the best of its rounds; ratio: throughput / shutil.copyfile's, same run.", "",
              "| step | seconds | MB/s | records/s | ratio to copyfile |", "|---|---:|---:|---:|---:|"]
     for name, seconds in rows:
         if seconds <= 0:  # the converter's summary shows hundredths of a second: a tiny (--quick) run can show 0.00
