@@ -110,6 +110,7 @@ def md(
     from convert.md import ConvertConfig, convert_planned, default_workers, plan_datasets
 
     _freeze_imports()
+
     config = ConvertConfig(records=str(records), out=str(out),
                            datasets=tuple(d for d in datasets.split(",") if d),
                            workers=default_workers() if workers is None else workers,
