@@ -10,9 +10,10 @@ and `lite-convert verify --records` over the result. The shard limit is set so t
 (`manifests.writer.plan_runs`) for the workers to share. Every step starts after an (untimed) `os.sync()`, so
 that none pays for writing back what an earlier one left dirty.
 
-Table 2 writes a source of `--tiny-samples` (default 5 million) ~100-byte samples through `SourceWriter` (what
-`lite-convert md` runs per sample, without the record parsing) and verifies it, each in its own process, and
-reports the peak RSS of each; the text extrapolates to quickdraw (~50 million samples).
+Table 2 writes sources of `--tiny-samples` (default 5 million) and of a fifth of that ~100-byte samples through
+`SourceWriter` (what `lite-convert md` runs per sample, without the record parsing) and verifies each, every step
+in its own process, and reports the peak RSS of each; the text extrapolates the growth between the two sizes to
+quickdraw (~50 million samples).
 
 Table 1 runs 5 rounds of every step, in order, and reports each step's best round (a single copy of 1 GB moved
 by a third between runs here; in rounds, a slow spell of this shared machine hits the copy and the converter
@@ -233,28 +234,39 @@ def _peak_rss_in_child(fn: str, *args: str) -> tuple[float, float]:
 
 
 def memory(samples: int, classes: int, workdir: Path) -> str:
-    """Table 2: peak RSS of writing and verifying a source of `samples` tiny samples; returns the Markdown."""
-    root = workdir / "tiny"
-    rows = [("write (SourceWriter, manifests streamed)", *_peak_rss_in_child("_write_tiny", str(root), str(samples),
-                                                                           str(classes))),
-            ("verify (verify_source, record batches)", *_peak_rss_in_child("_verify_tiny", str(root)))]
+    """Table 2: peak RSS of writing and verifying sources of `samples` // 5 and `samples` tiny samples (the
+    growth between the two is what a larger source adds); returns the Markdown."""
+    sizes = (samples // 5, samples)
+    rows = []
+    for n in sizes:
+        root = workdir / f"tiny{n}"
+        rows.append(("write (SourceWriter, manifests streamed)", n,
+                     *_peak_rss_in_child("_write_tiny", str(root), str(n), str(classes))))
+        rows.append(("verify (verify_source, record batches)", n, *_peak_rss_in_child("_verify_tiny", str(root))))
+        shard_mb = sum(p.stat().st_size for p in (root / "md" / "tiny").glob("*.tar")) / 1e6
+        shutil.rmtree(root)
     _, base = _peak_rss_in_child("_imports_only")
-    shard_mb = sum(p.stat().st_size for p in (root / "md" / "tiny").glob("*.tar")) / 1e6
-    lines = [f"Memory at scale: one source of {samples:,} samples of 100 bytes in {classes} classes "
-             f"({shard_mb:,.0f} MB of shards), each step in a fresh process.", "",
-             "| step | seconds | samples/s | peak RSS (MB) |", "|---|---:|---:|---:|"]
-    for name, seconds, rss in rows:
-        lines.append(f"| {name} | {seconds:.1f} | {samples / seconds:,.0f} | {rss:,.0f} |")
-    lines.append(f"| imports only (interpreter, NumPy, pyarrow + pandas, manifests) | | | {base:,.0f} |")
-    scale = QUICKDRAW_SAMPLES / samples
-    (_, _, write_rss), (_, _, verify_rss) = rows
-    lines += ["", f"The writer holds at most one shard's rows (100,000 samples by default) plus one manifest part "
-                  f"at a time, so its memory does not grow with the source: quickdraw ({QUICKDRAW_SAMPLES / 1e6:.1f} M "
-                  f"samples) needs about the {write_rss:,.0f} MB measured here. verify holds class_id and "
-                  f"index_in_class as int32 arrays plus the pages of the memory-mapped index it has read "
-                  f"({(verify_rss - base) * 2**20 / samples:.0f} bytes per sample above the imports here); "
-                  f"extrapolated linearly above the imports-only RSS (x{scale:.1f}): about "
-                  f"{base + (verify_rss - base) * scale:,.0f} MB for quickdraw."]
+    lines = [f"Memory at scale: sources of {sizes[0]:,} and {sizes[1]:,} samples of 100 bytes in {classes} classes "
+             f"(the larger: {shard_mb:,.0f} MB of shards), each step in a fresh process.", "",
+             "| step | samples | seconds | samples/s | peak RSS (MB) |", "|---|---:|---:|---:|---:|"]
+    for name, n, seconds, rss in sorted(rows, key=lambda r: (not r[0].startswith("write"), r[1])):
+        lines.append(f"| {name} | {n:,} | {seconds:.1f} | {n / seconds:,.0f} | {rss:,.0f} |")
+    lines.append(f"| imports only (interpreter, NumPy, pyarrow + pandas, manifests) | | | | {base:,.0f} |")
+    text = []
+    for name, what in (("write", "the writer"), ("verify", "verify")):
+        small, large = (rss for step, _, _, rss in rows if step.startswith(name))
+        span = f"from {sizes[0] / 1e6:g} M to {sizes[1] / 1e6:g} M samples ({small:,.0f} → {large:,.0f} MB)"
+        if large <= small:
+            text.append(f"{what}'s peak did not grow {span}, so quickdraw ({QUICKDRAW_SAMPLES / 1e6:.1f} M samples) "
+                        f"needs about the same")
+            continue
+        per_sample = (large - small) * 2**20 / (sizes[1] - sizes[0])
+        quickdraw = large + per_sample * (QUICKDRAW_SAMPLES - sizes[1]) / 2**20
+        text.append(f"{what}'s peak grew {span}, {per_sample:.1f} bytes per sample, so quickdraw "
+                    f"({QUICKDRAW_SAMPLES / 1e6:.1f} M samples) needs about {quickdraw:,.0f} MB")
+    lines += ["", f"The writer holds at most one shard's rows (100,000 samples by default) plus one manifest part; "
+                  f"verify reads samples.parquet and index.npy one record batch at a time (an ordered VTAB task keeps "
+                  f"its two class columns). Extrapolated linearly from the two sizes: {text[0]}; {text[1]}."]
     return "\n".join(lines) + "\n"
 
 

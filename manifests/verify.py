@@ -3,7 +3,9 @@
 Every tar is walked header by header (the only place a tar is scanned): members must be exactly
 `<key>.cls` then `<key>.<format>` for each manifest row in order, with the exact headers the format
 prescribes, at the recorded offsets and sizes, with the recorded CRC and label, and nothing but zeros after
-them; samples.parquet is read in record batches (memory does not grow with Python objects per sample); `index.npy`, `classes.parquet` and `source.json` must agree with `samples.parquet`.
+them; `index.npy`, `classes.parquet` and `source.json` must agree with `samples.parquet`. samples.parquet and
+index.npy are read one record batch at a time, so the memory of verifying a class-contiguous source does not grow
+with its samples (an ordered VTAB task keeps its two class columns, 8 bytes per sample).
 Every column of `classes.parquet` is checked against the dataset spec kept in `source.json` when the source
 is opened (`manifests.reader.check_classes`, the same check the loader runs).
 """
@@ -53,41 +55,19 @@ def verify_source(
     reader = SourceReader(path)
     info = reader.info
     where = reader.path
-    manifest = pq.ParquetFile(where / schema.SAMPLES_FILE)
+    # pre_buffer off: Arrow would otherwise read every row group's column chunks ahead, i.e. the whole file
+    manifest = pq.ParquetFile(where / schema.SAMPLES_FILE, pre_buffer=False)
     num_rows = manifest.metadata.num_rows
     _check(num_rows == info.num_samples, where / schema.SAMPLES_FILE,
            f"{num_rows} rows, source.json says {info.num_samples}")
-    # class_id and index_in_class are kept as int32 NumPy arrays (8 bytes per sample: the class checks need
-    # them whole); shard/offset/size are compared with the index one record batch at a time, and keys,
-    # formats and CRCs are read batch by batch below, so no column is held whole in int64 or as Python objects.
-    class_ids = np.empty(num_rows, np.int32)
-    index_in_class = np.empty(num_rows, np.int32)
-    start = 0
-    for batch in manifest.iter_batches(batch_size=_BATCH_ROWS,
-                                       columns=["class_id", "index_in_class", "shard", "offset", "size"]):
-        stop = start + batch.num_rows
-        for i, field in enumerate(("class_id", "index_in_class")):
-            column = batch.column(i).to_numpy()
-            _check(bool(np.all((column >= 0) & (column <= np.iinfo(np.int32).max))), where / schema.SAMPLES_FILE,
-                   f"column {field}: a value outside [0, 2**31) in rows {start}..{stop - 1}")
-            (class_ids if i == 0 else index_in_class)[start:stop] = column
-        for i, field in enumerate(("shard", "offset", "size"), start=2):
-            bad = np.flatnonzero(reader.index[field][start:stop] != batch.column(i).to_numpy())
-            _check(bad.size == 0, where / schema.INDEX_FILE,
-                   f"column {field} differs from samples.parquet at row {(start + bad[:1]).tolist()}")
-        start = stop
-    if info.layout == "ordered":  # format version 2: VTAB tasks (manifests/provenance.py)
+    if info.layout == "ordered":  # format version 2: VTAB tasks (manifests/provenance.py); a few 10k samples
         from manifests.provenance import verify_ordered
 
-        verify_ordered(reader, class_ids, index_in_class)
-    else:
-        _verify_classes(reader, class_ids, index_in_class)
-
-    rows = _manifest_rows(manifest)
+        verify_ordered(reader, *_class_columns(manifest, where / schema.SAMPLES_FILE))
+    rows = _manifest_rows(reader, manifest)
     row = 0
     total_bytes = 0
     decoded = 0
-    index = reader.index
     for shard_no, shard in enumerate(info.shards):
         shard_path = where / shard.name
         _check(shard_path.is_file(), shard_path, "missing")
@@ -101,24 +81,22 @@ def verify_source(
                 if len(header) < _BLOCK or not any(header):
                     break  # end of archive (its zero blocks and padding are checked below)
                 _check(row < num_rows, shard_path, f"extra member {_member_name(header)!r} after the last sample")
-                key, fmt, crc = next(rows)
-                class_id, in_class = int(class_ids[row]), int(index_in_class[row])
+                key, fmt, crc, class_id, in_class, row_shard, row_offset, image_size = next(rows)
                 ctx = f"{shard_path}: sample {key} (row {row})"
                 # Plain ifs, not _check: its message would be formatted for every sample.
                 if key != schema.sample_key(class_id, in_class):
                     _fail(ctx, f"key does not follow the key rule for class {class_id}, index {in_class}")
-                if index["shard"][row] != shard_no:
-                    _fail(shard_path, f"row {row} ({key}) belongs to shard {index['shard'][row]}")
+                if row_shard != shard_no:
+                    _fail(shard_path, f"row {row} ({key}) belongs to shard {row_shard}")
                 label = str(class_id).encode()
                 _check_header(header, f"{key}.{schema.LABEL_EXTENSION}", len(label), ctx)
                 block = f.read(_BLOCK)
                 if block != label + bytes(_BLOCK - len(label)):
                     _fail(ctx, f"label {block.rstrip(bytes(1))!r} != class {class_id}")
-                image_size = int(index["size"][row])
                 _check_header(f.read(_BLOCK), f"{key}.{fmt}", image_size, ctx)
                 offset = f.tell()
-                if offset != index["offset"][row]:
-                    _fail(ctx, f"image data at byte {offset}, manifest says {index['offset'][row]}")
+                if offset != row_offset:
+                    _fail(ctx, f"image data at byte {offset}, manifest says {row_offset}")
                 data = f.read(image_size)
                 if len(data) != image_size:
                     _fail(ctx, "image data truncated")
@@ -145,10 +123,59 @@ def verify_source(
     return VerifyReport(info.source, info.num_classes, info.num_samples, len(info.shards), total_bytes, decoded)
 
 
-def _manifest_rows(manifest: pq.ParquetFile) -> Iterator[tuple[str, str, int]]:
-    """(key, format, crc32) of every row of samples.parquet, read one record batch at a time."""
-    for batch in manifest.iter_batches(batch_size=_BATCH_ROWS, columns=["key", "format", "crc32"]):
-        yield from zip(batch.column(0).to_pylist(), batch.column(1).to_pylist(), batch.column(2).to_pylist())
+def _class_columns(manifest: pq.ParquetFile, where: Path) -> tuple[np.ndarray, np.ndarray]:
+    """class_id and index_in_class of every row as int32 arrays (8 bytes per sample), read batch by batch."""
+    num_rows = manifest.metadata.num_rows
+    columns = np.empty(num_rows, np.int32), np.empty(num_rows, np.int32)
+    start = 0
+    for batch in manifest.iter_batches(batch_size=_BATCH_ROWS, columns=["class_id", "index_in_class"]):
+        stop = start + batch.num_rows
+        for i, field in enumerate(("class_id", "index_in_class")):
+            column = batch.column(i).to_numpy()
+            _check(bool(np.all((column >= 0) & (column <= np.iinfo(np.int32).max))), where,
+                   f"column {field}: a value outside [0, 2**31) in rows {start}..{stop - 1}")
+            columns[i][start:stop] = column
+        start = stop
+    return columns
+
+
+def _manifest_rows(reader: SourceReader, manifest: pq.ParquetFile) -> Iterator[tuple]:
+    """(key, format, crc32, class_id, index_in_class, shard, offset, size) of every row of samples.parquet,
+    read one record batch at a time, each batch checked first: shard/offset/size equal index.npy's rows, and in
+    a class-contiguous source class_id/index_in_class equal the class blocks of classes.parquet (whose
+    `first_sample`s the reader checked to tile the rows when it opened; an ordered source's class columns are
+    checked whole by `verify_ordered`). Nothing is held per sample beyond one batch: index.npy is read batch by
+    batch from the file, not through the reader's memory map, whose pages would stay resident."""
+    where = reader.path
+    contiguous = reader.info.layout != "ordered"
+    ids = reader._class_ids  # (C,) class ids in class order
+    first = reader._first.astype(np.int64)  # (C,) first row of each class
+    ends = first + reader._count  # (C,) one past its last row; an empty class ends where it starts
+    columns = ["key", "format", "crc32", "class_id", "index_in_class", "shard", "offset", "size"]
+    start = 0
+    with open(where / schema.INDEX_FILE, "rb") as index_file:
+        index_file.seek(reader.index.offset)  # the rows follow the .npy header (checked when the reader opened)
+        for batch in manifest.iter_batches(batch_size=_BATCH_ROWS, columns=columns):
+            stop = start + batch.num_rows
+            index = np.fromfile(index_file, dtype=schema.INDEX_DTYPE, count=batch.num_rows)  # (rows,)
+            values = dict(zip(columns, batch.columns))
+            for field in ("shard", "offset", "size"):
+                bad = np.flatnonzero(index[field] != values[field].to_numpy())
+                _check(bad.size == 0, where / schema.INDEX_FILE,
+                       f"column {field} differs from samples.parquet at row {(start + bad[:1]).tolist()}")
+            if contiguous:
+                rows = np.arange(start, stop)
+                block = np.searchsorted(ends, rows, side="right")  # (rows,) the class block holding each row
+                wrong = np.flatnonzero(values["class_id"].to_numpy() != ids[block])
+                if wrong.size:
+                    _fail(where / schema.CLASSES_FILE, f"class {int(ids[block[wrong[0]]])}: its rows are not contiguous")
+                wrong = np.flatnonzero(values["index_in_class"].to_numpy() != rows - first[block])
+                if wrong.size:
+                    c = block[wrong[0]]
+                    _fail(where / schema.CLASSES_FILE,
+                          f"class {int(ids[c])}: index_in_class is not 0..{int(reader._count[c]) - 1}")
+            yield from zip(*(values[name].to_pylist() for name in columns))
+            start = stop
 
 
 def _member_name(header: bytes) -> str:
@@ -163,21 +190,6 @@ def _check_header(header: bytes, name: str, size: int, ctx: str) -> None:
     found = header[124:136].rstrip(b"\0 ").decode("ascii", "replace")
     _check(found == f"{size:011o}", ctx, f"member {name}: size {found} (octal), manifest says {size}")
     raise ManifestError(f"{ctx}: member {name}: header fields (mode, owner, mtime, checksum) differ from the format")
-
-
-def _verify_classes(reader: SourceReader, class_ids: np.ndarray, index_in_class: np.ndarray) -> None:
-    # classes.parquet vs source.json and its spec was checked when the reader opened (check_classes);
-    # here: the class blocks vs samples.parquet.
-    where = reader.path / schema.CLASSES_FILE
-    first = reader.classes["first_sample"].to_numpy()
-    count = reader.classes["num_images"].to_numpy()
-    ids = reader.classes["class_id"].to_numpy()
-    _check(int(count.sum()) == len(class_ids), where, f"counts add to {int(count.sum())}, {len(class_ids)} samples")
-    for cid, start, n in zip(ids, first, count):
-        block_ids = class_ids[start:start + n]
-        block_idx = index_in_class[start:start + n]
-        _check(bool(np.all(block_ids == cid)), where, f"class {cid}: its rows are not contiguous")
-        _check(bool(np.all(block_idx == np.arange(n))), where, f"class {cid}: index_in_class is not 0..{n - 1}")
 
 
 def _check(ok: bool, where: Path | str, message: str) -> None:
