@@ -168,7 +168,8 @@ def _manifest_rows(reader: SourceReader, manifest: pq.ParquetFile) -> Iterator[t
                 block = np.searchsorted(ends, rows, side="right")  # (rows,) the class block holding each row
                 wrong = np.flatnonzero(values["class_id"].to_numpy() != ids[block])
                 if wrong.size:
-                    _fail(where / schema.CLASSES_FILE, f"class {int(ids[block[wrong[0]]])}: its rows are not contiguous")
+                    _fail(where / schema.CLASSES_FILE,
+                          f"class {int(ids[block[wrong[0]]])}: its rows are not contiguous")
                 wrong = np.flatnonzero(values["index_in_class"].to_numpy() != rows - first[block])
                 if wrong.size:
                     c = block[wrong[0]]
