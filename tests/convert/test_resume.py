@@ -67,6 +67,22 @@ def _alive(pid: int) -> bool:
     return state.split()[1] not in ("Z", "X")  # a zombie is dead, only not yet reaped
 
 
+def _stopped(pid: int) -> bool:
+    """Every thread of `pid` is stopped by a signal (or the process is gone): none can run a system call."""
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except FileNotFoundError:
+        return True
+    for task in tasks:
+        try:
+            state = (task / "stat").read_text().rpartition(")")[2].split()[0]
+        except (FileNotFoundError, ProcessLookupError):  # a thread that ended meanwhile
+            continue
+        if state not in ("T", "Z", "X"):
+            return False
+    return True
+
+
 def _committed(stage: Path) -> int:
     return len(list(stage.glob("runs/*/*.parquet"))) if stage.exists() else 0
 
@@ -79,7 +95,9 @@ def _kill_after(cmd: list[str], stage: Path, shards: int, sig: int, workers: int
     """Start the converter, kill it with `sig` once `shards` shards are committed; its workers must die with it.
 
     The workers are stopped (SIGSTOP) just before the kill and continued after it: a worker that outlived
-    its parent would go on writing, so the staging folder must not change any more."""
+    its parent would go on writing, so the staging folder must not change any more. A signal takes effect
+    only when a thread returns from the kernel, so a worker in the middle of a slow system call (an open on a
+    busy disk) finishes it first: the folder is listed once every thread of every worker is seen stopped."""
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
     deadline = time.monotonic() + 120
     children: set[int] = set()
@@ -91,6 +109,9 @@ def _kill_after(cmd: list[str], stage: Path, shards: int, sig: int, workers: int
     children.update(_children(proc.pid))
     for child in children:
         os.kill(child, signal.SIGSTOP)
+    while not all(_stopped(child) for child in children):
+        assert time.monotonic() < deadline, "the workers did not stop"
+        time.sleep(0.002)
     os.kill(proc.pid, sig)
     assert proc.wait() == -sig
     left = _files(stage)
