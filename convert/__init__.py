@@ -12,7 +12,7 @@ _EXPORTS = {
     "ConvertConfig": "convert.md",
     "MnistConfig": "convert.mnist",
     "RecordError": "convert.tfrecord",
-    "SourceResult": "convert.md",
+    "SourceResult": "convert._common",
     "convert_mnist": "convert.mnist",
     "convert_planned": "convert.md",
     "convert_run": "convert.md",

@@ -92,6 +92,13 @@ def _warn_small_classes(out: Path, results) -> None:
                            soft_wrap=True)
 
 
+# Options shared by the commands that write shards.
+_MAX_SHARD_SAMPLES = typer.Option(schema.DEFAULT_MAX_SHARD_SAMPLES, help="Samples per shard at most.")
+_MAX_SHARD_BYTES = typer.Option(schema.DEFAULT_MAX_SHARD_BYTES, help="Image bytes per shard at most.")
+_FSYNC = typer.Option(False, "--fsync", help="Fsync every shard, manifest and folder before it counts, so the output "
+                                             "also survives a power loss (a kill loses nothing without it).")
+
+
 @app.command()
 @_guard
 def md(
@@ -100,11 +107,9 @@ def md(
     datasets: str = typer.Option("", help="Comma-separated dataset folders (default: every one with a spec)."),
     workers: int | None = typer.Option(None, show_default="one per CPU core, at most 8",
                                 help="Processes converting in parallel (also inside one dataset)."),
-    max_shard_samples: int = typer.Option(schema.DEFAULT_MAX_SHARD_SAMPLES, help="Samples per shard at most."),
-    max_shard_bytes: int = typer.Option(schema.DEFAULT_MAX_SHARD_BYTES, help="Image bytes per shard at most."),
-    fsync: bool = typer.Option(False, "--fsync", help="Fsync every shard, manifest and folder before it counts, so "
-                                                      "the output also survives a power loss (a kill loses nothing "
-                                                      "without it)."),
+    max_shard_samples: int = _MAX_SHARD_SAMPLES,
+    max_shard_bytes: int = _MAX_SHARD_BYTES,
+    fsync: bool = _FSYNC,
 ):
     """Convert Meta-Dataset TFRecords into shards + manifests."""
     from convert.md import ConvertConfig, convert_planned, default_workers, plan_datasets
@@ -143,7 +148,7 @@ def mnist(
     idx_dir: Path = typer.Option(..., help="Folder with t10k-images-idx3-ubyte(.gz) and t10k-labels-idx1-ubyte(.gz)."),
     out: Path = typer.Option(..., help="Output root; the source goes to <out>/md/mnist/."),
     lossless: bool = typer.Option(False, help="Store PNG instead of MD's quality-75 JPEG."),
-    fsync: bool = typer.Option(False, "--fsync", help="Fsync every file and folder before it counts (see md)."),
+    fsync: bool = _FSYNC,
 ):
     """Convert the 10,000 MNIST test digits into the `mnist` source."""
     from convert.mnist import MnistConfig, convert_mnist
@@ -167,11 +172,9 @@ def vtab(
     tasks: str = typer.Option("", help="Comma-separated task ids (default: VTAB-v2's 18 tasks; dtd by name)."),
     protocol: str = typer.Option("vtab1k", help="vtab1k (support train800val200, VTAB test) or lite."),
     limit: int = typer.Option(None, help="Smoke runs: at most this many examples per slice."),
-    max_shard_samples: int = typer.Option(schema.DEFAULT_MAX_SHARD_SAMPLES, help="Samples per shard at most."),
-    max_shard_bytes: int = typer.Option(schema.DEFAULT_MAX_SHARD_BYTES, help="Image bytes per shard at most."),
-    fsync: bool = typer.Option(False, "--fsync", help="Fsync every shard, manifest and folder before it counts, so "
-                                                      "the output also survives a power loss (a kill loses nothing "
-                                                      "without it)."),
+    max_shard_samples: int = _MAX_SHARD_SAMPLES,
+    max_shard_bytes: int = _MAX_SHARD_BYTES,
+    fsync: bool = _FSYNC,
 ):
     """Convert the VTAB-1k tasks from prepared TFDS datasets into ordered shards + manifests."""
     from convert.vtab.convert import VtabConfig, convert_vtab
@@ -221,7 +224,7 @@ def verify(
         decoded = f", {r.decoded} decoded" if decode else ""
         typer.echo(f"ok {path.parent.name}/{r.source}: {r.num_classes} classes, {r.num_samples} samples, "
                    f"{r.num_shards} shards, {r.num_bytes / 1e6:.1f} MB{decoded} ({time.perf_counter() - start:.1f} s)")
-        from convert.vtab.convert import rederive_labels  # VTAB tasks: labels vs their stored raw values
+        from convert.vtab.labels import rederive_labels  # VTAB tasks: labels vs their stored raw values
 
         relabelled = rederive_labels(path)
         if relabelled is not None:
@@ -236,7 +239,7 @@ def verify(
         if not spec.is_file():
             typer.echo(f"not compared {path.parent.name}/{path.name}: no {spec}")
             continue
-        from convert.md import compare_with_records
+        from convert.compare import compare_with_records
 
         start = time.perf_counter()
         c = compare_with_records(path, records)

@@ -7,16 +7,15 @@ the image bytes untouched. Runs of every dataset are converted `--workers` at a 
 uses every worker, and the output is byte-identical for any number of workers. A dataset whose runs are
 all written is finished and published by this process. A complete source with the same input fingerprint
 and every published file at its recorded size is skipped; a staged one resumes after each run's last
-committed (and re-checked) shard. The class table keeps the dataset's own splits; the MD-v2 view is chosen
-when reading (`manifests.md_spec.spec_view`). `--fsync` makes every committed file survive a power loss too
-(`manifests.staging`); a kill loses nothing without it.
+committed (and re-checked) shard (the staging protocol: docs/architecture.md, "Staging"). The class table keeps
+the dataset's own splits; the MD-v2 view is chosen when reading (`manifests.md_spec.spec_view`). `--fsync` makes
+every committed file survive a power loss too; a kill loses nothing without it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
 import time
 from pathlib import Path
@@ -25,22 +24,19 @@ from typing import Any, Callable, Iterator
 from isal import isal_zlib
 
 from manifests import schema
-from manifests._version import __version__
 from manifests.md_spec import MDSpec, load_md_spec
-from manifests.staging import SourceStaging, output_lock, recover_publish
-from manifests.writer import ClassRecord, RunWriter, is_complete, plan_runs, source_dir, warm_up
+from manifests.staging import output_lock
+from manifests.writer import ClassRecord, RunWriter, SourceStaging, plan_runs, warm_up
 
+from convert._common import SourceResult, converter_version, published_result, sniff_format, source_result
 from convert._workers import run_tasks
 from convert.tfrecord import ReadBuffer, RecordError, iter_records, read_md_example
 
 GROUP = "md"
 SPEC_FILE = "dataset_spec.json"
-_FILE_PATTERN = "{}.tfrecords"  # the only pattern MD's reader supports (POOL_SUPPORTED = False)
+FILE_PATTERN = "{}.tfrecords"  # the only pattern MD's reader supports (POOL_SUPPORTED = False)
 _PROGRESS_EVERY = 256  # records between progress reports
 _RECORD_OVERHEAD = 16  # framing bytes per record (length, two CRCs), counted in the bytes read
-
-# Leading bytes of the two image formats the shard format stores (schema.IMAGE_FORMATS).
-_MAGIC = ((b"\xff\xd8\xff", "jpg"), (b"\x89PNG\r\n\x1a\n", "png"))
 
 Progress = Callable[[str, int, int], None]  # (dataset, records done since last call, bytes since last call)
 
@@ -79,19 +75,6 @@ class ConvertConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class SourceResult:
-    """What one source conversion did (one row of the summary table)."""
-
-    source: str  # "<group>/<source>"
-    status: str  # "converted" | "resumed" | "up to date"
-    classes: int
-    samples: int
-    shards: int
-    bytes: int  # total shard bytes
-    seconds: float
-
-
-@dataclasses.dataclass(frozen=True)
 class DatasetPlan:
     """A dataset that passed the pre-flight checks: its spec, class files, input fingerprint and runs."""
 
@@ -106,53 +89,6 @@ class DatasetPlan:
         return sum(self.spec.images_per_class)
 
 
-def converter_version() -> str:
-    """The lite-train version (written into every source.json); the package metadata gets it from the same
-    constant, which is read here without importing importlib.metadata (part of every command's start-up)."""
-    return __version__
-
-
-def sniff_format(data: bytes | memoryview, where: str) -> str:
-    """"jpg" or "png" from the magic bytes; RecordError otherwise."""
-    head = bytes(data[:8])
-    for magic, fmt in _MAGIC:
-        if head.startswith(magic):
-            return fmt
-    raise RecordError(f"{where}: image bytes are neither JPEG nor PNG (start {head.hex() or 'empty'})")
-
-
-def published_files_intact(path: Path, info: schema.SourceInfo) -> bool:
-    """Every file a complete source publishes is present with the size source.json recorded."""
-    sizes = {s.name: s.num_bytes for s in info.shards}
-    sizes.update(info.extra.get("manifest_bytes", {}))
-    for name in (schema.CLASSES_FILE, schema.SAMPLES_FILE, schema.INDEX_FILE):
-        sizes.setdefault(name, None)
-    for name, size in sizes.items():
-        try:
-            st = (path / name).stat()
-        except OSError:
-            return False
-        if size is not None and st.st_size != size:
-            return False
-    return True
-
-
-def up_to_date(out: Path, source: str, fingerprint: dict[str, Any]) -> schema.SourceInfo | None:
-    """The SourceInfo of `<out>/md/<source>` if it is complete, was written from this fingerprint, and every
-    published file is present with its recorded size; None otherwise (the source is converted again)."""
-    if not is_complete(out, GROUP, source):
-        return None
-    folder = source_dir(out, GROUP, source)
-    path = folder / schema.SOURCE_FILE
-    try:
-        info = schema.SourceInfo.from_json(path.read_text(), origin=str(path))
-    except (ValueError, TypeError, KeyError):
-        return None
-    if info.extra.get("fingerprint") != json.loads(json.dumps(fingerprint)):
-        return None
-    return info if published_files_intact(folder, info) else None
-
-
 def plan_dataset(folder: Path, config: ConvertConfig) -> DatasetPlan:
     """Pre-flight one dataset folder: valid spec, name and file pattern, every class file present."""
     spec_path = folder / SPEC_FILE
@@ -160,10 +96,10 @@ def plan_dataset(folder: Path, config: ConvertConfig) -> DatasetPlan:
     if spec.name != folder.name:
         raise ValueError(f"{spec_path}: spec name {spec.name!r} differs from its folder name {folder.name!r}")
     schema.check_name("source", folder.name)
-    pattern = spec.raw.get("file_pattern", _FILE_PATTERN)
-    if pattern != _FILE_PATTERN:
-        raise ValueError(f"{spec_path}: file_pattern {pattern!r} is not supported (only {_FILE_PATTERN!r})")
-    files = tuple(folder / _FILE_PATTERN.format(c) for c in range(spec.num_classes))
+    pattern = spec.raw.get("file_pattern", FILE_PATTERN)
+    if pattern != FILE_PATTERN:
+        raise ValueError(f"{spec_path}: file_pattern {pattern!r} is not supported (only {FILE_PATTERN!r})")
+    files = tuple(folder / FILE_PATTERN.format(c) for c in range(spec.num_classes))
     records = hashlib.sha256()
     sizes = []
     for c, path in enumerate(files):
@@ -200,8 +136,8 @@ def plan_datasets(config: ConvertConfig) -> list[DatasetPlan]:
     return [plan_dataset(folder, config) for folder in folders]
 
 
-def _checked_records(path: Path, class_id: int, expected: int, expected_from: str,
-                     buffer: ReadBuffer | None = None) -> Iterator[tuple[int, memoryview, int]]:
+def checked_records(path: Path, class_id: int, expected: int, expected_from: str,
+                    buffer: ReadBuffer | None = None) -> Iterator[tuple[int, memoryview, int]]:
     """(index, image bytes, record bytes) of every record of one class file, in order, once its CRCs are
     checked and its label equals `class_id`; the file must hold exactly `expected` records, which
     `expected_from` names in errors (checked when the iteration ends). Image bytes are views into
@@ -242,8 +178,8 @@ def _convert_class(writer: RunWriter, path: Path, class_id: int, expected: int, 
                    name: str, progress: Progress | None, buffer: ReadBuffer) -> None:
     """Stream one class file into the writer, adding records `first..expected-1` (all are checked)."""
     pending = pending_bytes = 0
-    for index, image, record_bytes in _checked_records(path, class_id, expected, f"images_per_class[{class_id}]",
-                                                       buffer):
+    for index, image, record_bytes in checked_records(path, class_id, expected, f"images_per_class[{class_id}]",
+                                                      buffer):
         fmt = sniff_format(image, f"{path}: record {index}")
         if index >= first:
             writer.add(class_id, index, image, fmt)
@@ -277,54 +213,6 @@ def _classes(spec: MDSpec) -> list[ClassRecord]:
             for c in range(spec.num_classes)]
 
 
-@dataclasses.dataclass(frozen=True)
-class RecordsComparison:
-    """What `compare_with_records` checked: every record of every class file, in order."""
-
-    source: str
-    classes: int
-    images: int
-    bytes: int
-
-
-def compare_with_records(source_path: str | os.PathLike, records: str | os.PathLike) -> RecordsComparison:
-    """Re-read the TFRecords a converted MD source came from and check, record by record, that the image
-    bytes and label equal the converted sample's (same class, same index), with equal counts.
-
-    This is the byte-identity check for real Meta-Dataset records: `lite-convert verify OUT --records ROOT`.
-
-    Raises:
-        RecordError / ValueError: the first difference, naming the record file, the record index and the
-            shard member it was compared with.
-    """
-    from manifests.reader import SourceReader  # here: `lite-convert md` never reads a source back
-
-    reader = SourceReader(source_path)
-    folder = Path(records) / reader.info.source
-    images = nbytes = 0
-    buffer = ReadBuffer()
-    with reader:
-        for class_id in range(reader.info.num_classes):
-            first, count = reader.class_range(class_id)
-            path = folder / _FILE_PATTERN.format(class_id)
-            if not path.is_file():
-                raise ValueError(f"{path}: missing record file for class {class_id} of {source_path}")
-            for index, image, _ in _checked_records(path, class_id, count, f"converted samples of class {class_id}",
-                                                    buffer):
-                if reader.read(first + index) != image:
-                    raise RecordError(f"{path}: record {index}: image bytes differ from {reader.locate(first + index)}")
-                nbytes += len(image)
-            images += count
-    return RecordsComparison(reader.info.source, reader.info.num_classes, images, nbytes)
-
-
-def source_result(info: schema.SourceInfo, status: str, start_time: float) -> SourceResult:
-    """The summary row of a source described by `info`, timed from `start_time` (perf_counter)."""
-    return SourceResult(f"{info.group}/{info.source}", status, info.num_classes, info.num_samples,
-                        len(info.shards), sum(s.num_bytes for s in info.shards),
-                        time.perf_counter() - start_time)
-
-
 def convert_planned(plans: list[DatasetPlan], config: ConvertConfig,
                     progress: Progress | None = None) -> list[SourceResult]:
     """Convert pre-flighted datasets into `config.out` (locked meanwhile); results in plan order.
@@ -339,12 +227,11 @@ def convert_planned(plans: list[DatasetPlan], config: ConvertConfig,
         results: list[SourceResult | None] = [None] * len(plans)
         stagings: dict[int, SourceStaging] = {}
         for i, plan in enumerate(plans):
-            recovered = recover_publish(Path(config.out), GROUP, plan.name, fsync=config.fsync)  # killed half-way
-            done = up_to_date(Path(config.out), plan.name, plan.fingerprint)
-            if done is not None:
+            results[i] = published_result(config.out, GROUP, plan.name, plan.fingerprint, fsync=config.fsync,
+                                          start_time=start)
+            if results[i] is not None:
                 if progress:
                     progress(plan.name, plan.num_records, 0)
-                results[i] = source_result(done, "resumed" if recovered else "up to date", start)
                 continue
             stagings[i] = SourceStaging(Path(config.out), GROUP, plan.name, fingerprint=plan.fingerprint,
                                         runs=len(plan.runs), max_shard_samples=config.max_shard_samples,

@@ -19,10 +19,11 @@ from typing import Any, Callable
 
 import numpy as np
 
-from manifests.staging import SourceWriter, output_lock, recover_publish
-from manifests.writer import ClassRecord, source_dir
+from manifests.staging import output_lock, source_dir
+from manifests.writer import ClassRecord, SourceWriter
 
-from convert.md import GROUP, SourceResult, source_result, converter_version, up_to_date
+from convert._common import SourceResult, converter_version, published_result, source_result
+from convert.md import GROUP
 
 SOURCE = "mnist"
 IMAGES_FILE = "t10k-images-idx3-ubyte"
@@ -128,7 +129,6 @@ def convert_mnist(config: MnistConfig, progress: Callable[[int], None] | None = 
     start_time = time.perf_counter()
     images, labels, paths = read_mnist_idx(config.idx_dir)  # checked before anything is written
     with output_lock(config.out):
-        recover_publish(Path(config.out), GROUP, SOURCE, fsync=config.fsync)  # a publish killed half-way
         return _convert_locked(config, images, labels, paths, start_time, progress)
 
 
@@ -140,9 +140,9 @@ def _convert_locked(config: MnistConfig, images: np.ndarray, labels: np.ndarray,
         "lossless": config.lossless,
         "converter_version": converter_version(),
     }
-    done = up_to_date(out, SOURCE, fingerprint)
+    done = published_result(out, GROUP, SOURCE, fingerprint, fsync=config.fsync, start_time=start_time)
     if done is not None:
-        return source_result(done, "up to date", start_time)
+        return done
     per_class = [np.flatnonzero(labels == c) for c in range(_NUM_CLASSES)]
     writer = SourceWriter(out, GROUP, SOURCE, fingerprint=fingerprint, fsync=config.fsync)
     resume = writer.last_committed

@@ -29,10 +29,11 @@ import zlib
 
 import numpy as np
 
+from manifests.sources import IMAGE_MAGIC
+
 __all__ = ["decode_rgb"]
 
-_JPEG_MAGIC = b"\xff\xd8\xff"
-_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_JPEG_MAGIC, _PNG_MAGIC = IMAGE_MAGIC["jpg"], IMAGE_MAGIC["png"]
 _DCT_SCALES = (8, 4, 2)  # power-of-two libjpeg downscales; their reduced IDCTs are the fast ones
 
 # A marker as libjpeg's `next_marker` finds one between segments: FF, any FF fill bytes, then a byte that is

@@ -12,14 +12,14 @@ import numpy as np
 import pyarrow as pa
 
 from manifests import schema
-from manifests.reader import ManifestError, SourceReader, _read_parquet
+from manifests.reader import ManifestError, SourceReader, read_manifest
 
 
 def read_provenance(reader: SourceReader) -> pa.Table:
     """provenance.parquet of an ordered source, schema-checked; ManifestError for other layouts."""
     if reader.info.layout != "ordered":
         raise ManifestError(f"{reader.path}: layout {reader.info.layout!r} has no {schema.PROVENANCE_FILE}")
-    table = _read_parquet(reader.path / schema.PROVENANCE_FILE, schema.PROVENANCE_SCHEMA)
+    table = read_manifest(reader.path / schema.PROVENANCE_FILE, schema.PROVENANCE_SCHEMA)
     if table.num_rows != reader.num_samples:
         raise ManifestError(f"{reader.path / schema.PROVENANCE_FILE}: {table.num_rows} rows, "
                             f"source.json says {reader.num_samples} samples")

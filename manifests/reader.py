@@ -141,7 +141,7 @@ class SourceReader:
             self.info = schema.SourceInfo.from_json(info_path.read_text(), origin=str(info_path))
         except (ValueError, TypeError, KeyError) as e:
             raise ManifestError(f"{info_path}: {e}") from None
-        self.classes = _read_parquet(self.path / schema.CLASSES_FILE, schema.CLASS_SCHEMA)
+        self.classes = read_manifest(self.path / schema.CLASSES_FILE, schema.CLASS_SCHEMA)
         self._class_ids = self.classes["class_id"].to_numpy()
         self._first = self.classes["first_sample"].to_numpy()
         self._count = self.classes["num_images"].to_numpy()
@@ -244,7 +244,7 @@ class SourceReader:
 
     def samples(self) -> pa.Table:
         """The whole sample manifest (read on demand; large for big sources)."""
-        return _read_parquet(self.path / schema.SAMPLES_FILE, schema.SAMPLE_SCHEMA)
+        return read_manifest(self.path / schema.SAMPLES_FILE, schema.SAMPLE_SCHEMA)
 
     @property
     def num_open_files(self) -> int:
@@ -326,7 +326,8 @@ def check_classes(reader: SourceReader) -> None:
             fail(f"class {c}: {column} {stored[c]!r}, the dataset spec says {expected[c]!r}")
 
 
-def _read_parquet(path: Path, expected: pa.Schema) -> pa.Table:
+def read_manifest(path: Path, expected: pa.Schema) -> pa.Table:
+    """A manifest file of a source, whose schema must be `expected` (the format contract); ManifestError if not."""
     try:
         table = pq.read_table(path)
     except (OSError, pa.ArrowException) as e:

@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from manifests.sources import IMAGE_MAGIC
+
 FORMAT_VERSION = 2
 # Version 2 = version 1 + the "ordered" layout (VTAB tasks) with provenance.parquet and typed TFDS origins;
 # a version-1 source reads as a version-2 source with layout "class-contiguous" and no TFDS origin.
@@ -37,7 +39,7 @@ SPLITS = ("train", "valid", "test")
 # Meta-Dataset's dataset_spec.json spells splits in upper case.
 MD_SPLIT_NAMES = {"TRAIN": "train", "VALID": "valid", "TEST": "test"}
 
-IMAGE_FORMATS = ("jpg", "png")
+IMAGE_FORMATS = tuple(IMAGE_MAGIC)  # ("jpg", "png"): member extensions, told apart by their magic bytes
 LABEL_EXTENSION = "cls"
 
 # Every tar member is written with these header fields, so that converting the same input twice gives

@@ -1,42 +1,75 @@
-"""One source's staging folder: committed run shards in -> manifests, `source.json` and a published source out.
+"""One source's staging folder: committed shards and parts in, manifests, `source.json` and a published source out.
 
-Everything is staged in a hidden folder `<root>/<group>/.<source>.partial/` (`plan.json` + `runs/<run>/`,
-written by `manifests.writer.RunWriter`). `SourceStaging.finish()` links the run shards under their global
-names, writes the manifests (streamed part by part, never the whole sample table in memory) and, last,
-`source.json`; `publish()` then swaps the staging folder into `<root>/<group>/<source>/`. Every step can be
-killed: opening a `SourceStaging` (or `recover_publish`) completes or undoes an interrupted publish, and a
-finished staging folder is published, not thrown away. A reader never sees a half-written source. With
-`fsync=True` every data file and manifest is also fsynced before its rename and every folder after one, so
-that a published source survives a power loss too; without it (the default) a kill still loses nothing, and
-staged shards are re-checked before a rerun resumes (see `manifests.writer`).
-`SourceWriter` is the one-run front end (MNIST, tests, benchmarks); `output_lock` keeps a second converter
-out of an output root.
+The staging protocol, for both layouts (class-contiguous and ordered), is stated once in
+docs/architecture.md, "Staging"; this module is its one implementation: the paths, the output lock, the plan
+(resume or start afresh), finishing (shards linked under their global names, manifests streamed part by part,
+`source.json` last), publishing (the old source swapped out, never half-deleted), the recovery of a publish
+killed half-way, and the check that a published source is up to date. Shards and parts are written by
+`manifests._shards.ShardWriter`; `manifests.writer` and `manifests.ordered_writer` are the two layouts' front
+ends.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import os
 import shutil
 import zlib
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from manifests import schema
-from manifests.writer import (ClassRecord, RunWriter, _arrow_array, _arrow_table, _atomic_write_parquet, _fsync_dir,
-                              _numpy_column, _read_table, _write_error, atomic_write_bytes, source_dir, staging_dir)
+from manifests._assemble import assemble
+from manifests._files import atomic_write_bytes, atomic_write_parquet, fsync_dir, write_error
+from manifests._shards import Crc32, ShardWriter, SidePart
 
-_PLAN_FILE = "plan.json"
-_RUNS_DIR = "runs"
+PLAN_FILE = "plan.json"
+RUNS_DIR = "runs"
 _OLD_SUFFIX = ".old"  # `.<source>.old`: the previous version of a source while a new one is swapped in
 _LOCK_FILE = ".lite-convert.lock"
-_PARQUET_BATCH = 1 << 16  # rows per row group when manifests are streamed
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """What a source layout changes in the staging protocol."""
+
+    name: str  # one of schema.LAYOUTS, saved as source.json `layout`
+    side: SidePart | None  # the second part each shard commits, streamed into its own manifest
+    # Manifests written as one row group, as the ordered layout always was (so its bytes stay the same), rather
+    # than row groups per part, which keeps memory bounded by one part.
+    one_row_group: bool
+
+
+CLASS_CONTIGUOUS = Layout("class-contiguous", side=None, one_row_group=False)
+ORDERED = Layout("ordered", side=SidePart("prov", schema.PROVENANCE_SCHEMA, schema.PROVENANCE_FILE),
+                 one_row_group=True)
+
+# (samples per class, first row of each class or -1, number of samples) -> the class table; raises ValueError
+# when the samples written contradict what the converter expected.
+ClassTable = Callable[[np.ndarray, np.ndarray, int], pa.Table]
+
+
+def staging_dir(root: Path, group: str, source: str) -> Path:
+    return Path(root) / group / f".{source}.partial"
+
+
+def source_dir(root: Path, group: str, source: str) -> Path:
+    return Path(root) / group / source
+
+
+def old_dir(root: Path, group: str, source: str) -> Path:
+    return Path(root) / group / f".{source}{_OLD_SUFFIX}"
+
+
+def is_complete(root: Path, group: str, source: str) -> bool:
+    """True when `<root>/<group>/<source>/source.json` exists (it is written last)."""
+    return (source_dir(root, group, source) / schema.SOURCE_FILE).is_file()
 
 
 @contextlib.contextmanager
@@ -65,242 +98,162 @@ def output_lock(root: str | os.PathLike) -> Iterator[int]:
         os.close(fd)  # releases the lock; the file stays (removing it would race with a waiting process)
 
 
-
-def _run_folder(stage: Path, run: int) -> Path:
-    return stage / _RUNS_DIR / f"{run:06d}"
-
-
-class SourceStaging:
-    """The staging folder of one source: recovery, the plan, the runs, `finish()` and `publish()`.
+class Staging:
+    """The staging folder of one source: recovery, the plan, the run folders, `write_manifests()`, `publish()`.
 
     Opening it settles whatever an interrupted earlier run left: a publish that was killed between its
     renames is completed or undone; a staging folder with a different plan (other input or shard limits)
-    is discarded; one with the same plan is kept, with its committed shards.
+    is discarded; one with the same plan is kept with its run folders (anything else in it is removed).
 
     Args:
         root, group, source: the source goes to `<root>/<group>/<source>/`.
         fingerprint: JSON-able description of the input and settings.
-        runs: number of runs (see `plan_runs`); part of the plan.
+        layout: CLASS_CONTIGUOUS or ORDERED.
+        plan_fields: what the layout adds to the plan (the runs; the layout's name).
+        runs: number of run folders (see `manifests.writer.plan_runs`).
         max_shard_samples / max_shard_bytes: shard limits; part of the plan.
         fsync: fsync data files and manifests before their renames and folders after them (not part of
             the plan: it never changes the bytes written).
-        crc32: the run writers' CRC-32 implementation (see `RunWriter`).
+        crc32: the shard writers' CRC-32 implementation (see `ShardWriter`).
     """
 
-    def __init__(self, root: Path, group: str, source: str, *, fingerprint: dict[str, Any], runs: int = 1,
+    def __init__(self, root: Path, group: str, source: str, *, fingerprint: dict[str, Any], layout: Layout,
+                 plan_fields: dict[str, Any], runs: int = 1,
                  max_shard_samples: int = schema.DEFAULT_MAX_SHARD_SAMPLES,
                  max_shard_bytes: int = schema.DEFAULT_MAX_SHARD_BYTES, fsync: bool = False,
-                 crc32: Callable[[bytes | memoryview], int] = zlib.crc32):
+                 crc32: Crc32 = zlib.crc32):
         schema.check_name("group", group)
         schema.check_name("source", source)
         if max_shard_samples < 1 or max_shard_bytes < 1:
             raise ValueError("max_shard_samples and max_shard_bytes must be positive")
-        self.root, self.group, self.source = Path(root), group, source
+        self.root, self.group, self.source, self.layout = Path(root), group, source, layout
         self.stage = staging_dir(self.root, group, source)
         self.final = source_dir(self.root, group, source)
-        self.old = _old_dir(self.root, group, source)
+        self.old = old_dir(self.root, group, source)
         self.runs = runs
         self.max_shard_samples, self.max_shard_bytes = max_shard_samples, max_shard_bytes
         self.fsync, self.crc32 = fsync, crc32
         self.plan = json.loads(json.dumps(
             {"format_version": schema.FORMAT_VERSION, "max_shard_samples": max_shard_samples,
-             "max_shard_bytes": max_shard_bytes, "runs": runs, "fingerprint": fingerprint}))
-        self._recover()
+             "max_shard_bytes": max_shard_bytes, "fingerprint": fingerprint, **plan_fields}))
+        recover_publish(self.root, group, source, fsync=fsync)
         self._start_or_resume()
 
-    # -- recovery -----------------------------------------------------------------------------------------
     def finished_info(self) -> schema.SourceInfo | None:
-        """The SourceInfo of a staging folder whose source.json was written for this plan, else None."""
-        return finished_staging_info(self.stage, self.plan)
-
-    def _recover(self) -> None:
-        recover_publish(self.root, self.group, self.source, fsync=self.fsync)
+        """The SourceInfo of a staging folder whose source.json was written for this plan (its `staging_plan`),
+        else None: such a folder is finished and only waits to be published."""
+        path = self.stage / schema.SOURCE_FILE
+        try:
+            info = schema.SourceInfo.from_json(path.read_text(), origin=str(path))
+        except (OSError, ValueError, TypeError, KeyError):
+            return None
+        return info if info.extra.get("staging_plan") == self.plan else None
 
     def _start_or_resume(self) -> None:
         self.resumed = True  # work of an earlier, interrupted run is kept
         if self.finished_info() is not None:
             return  # finished, not yet published: publish() will do it
-        plan_path = self.stage / _PLAN_FILE
+        plan_path = self.stage / PLAN_FILE
         try:
             same = json.loads(plan_path.read_text()) == self.plan
         except (OSError, ValueError):
             same = False
         if same:
+            for p in self.stage.iterdir():  # what a killed finish left; the run folders' writers check those
+                if p.name not in (PLAN_FILE, RUNS_DIR):
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
             return
         self.resumed = False
         if self.stage.exists():
             shutil.rmtree(self.stage)
         try:
-            (self.stage / _RUNS_DIR).mkdir(parents=True)
+            (self.stage / RUNS_DIR).mkdir(parents=True)
         except OSError as e:
-            raise _write_error(self.stage, "the staging folder", e) from None
+            raise write_error(self.stage, "the staging folder", e) from None
         atomic_write_bytes(plan_path, json.dumps(self.plan, sort_keys=True).encode(), "the conversion plan",
                            fsync=self.fsync)
 
-    def run_writer(self, run: int) -> RunWriter:
-        """The writer of run `run` (0 <= run < runs), resuming its committed shards."""
+    def shard_writer(self, run: int, writer: type[ShardWriter] = ShardWriter, **kwargs) -> ShardWriter:
+        """The writer of run folder `run` (0 <= run < runs), keeping its committed shards; `kwargs` go to it."""
         if not 0 <= run < self.runs:
             raise ValueError(f"run {run} is not in 0..{self.runs - 1}")
-        return RunWriter(_run_folder(self.stage, run), max_shard_samples=self.max_shard_samples,
-                         max_shard_bytes=self.max_shard_bytes, fsync=self.fsync, crc32=self.crc32)
+        return writer(self._run_folder(run), max_shard_samples=self.max_shard_samples,
+                      max_shard_bytes=self.max_shard_bytes, fsync=self.fsync, crc32=self.crc32, side=self.layout.side,
+                      **kwargs)
 
-    # -- finishing ----------------------------------------------------------------------------------------
-    def _parts(self) -> list[Path]:
-        """The part of every committed shard, in sample order (its shard is the same name with .tar)."""
-        found = []
-        for run in range(self.runs):
-            folder, n = _run_folder(self.stage, run), 0
-            while (folder / f"{n:06d}.parquet").is_file():
-                found.append(folder / f"{n:06d}.parquet")
-                n += 1
-        return found
+    def _run_folder(self, run: int) -> Path:
+        return self.stage / RUNS_DIR / f"{run:06d}"
 
-    def finish(self, classes: Sequence[ClassRecord], info: dict[str, Any]) -> schema.SourceInfo:
-        """Write the manifests and source.json into the staging folder (call `publish()` next).
+    def write_manifests(self, num_classes: int, class_table: ClassTable, info: dict[str, Any]) -> schema.SourceInfo:
+        """Write the manifests and, last, source.json into the staging folder (call `publish()` next).
 
-        The sample manifest is streamed part by part into samples.parquet and index.npy, so memory stays
-        bounded by one part whatever the number of samples.
+        The committed shards of all runs become the source's shards and their parts its manifests
+        (`manifests._assemble.assemble`); the class table and source.json follow.
 
         Args:
-            classes: every class of the source in class-id order, with its expected image count.
+            num_classes: class ids must lie in 0..num_classes-1.
+            class_table: builds the class table from what was written (see `ClassTable`).
             info: the SourceInfo fields the converter knows (origin, converter_version, benchmark,
-                dataset_spec, sampling_spec, extra); counts and shards are filled in here.
+                dataset_spec, sampling_spec, extra, tfds); counts, shards and layout are filled in here, and
+                the staging plan and the manifests' byte sizes are added to extra.
         """
-        done = self.finished_info()
-        if done is not None:
-            return done
-        parts = self._parts()
-        num_samples = sum(pq.ParquetFile(p).metadata.num_rows for p in parts)
-        counts = np.zeros(max((c.class_id for c in classes), default=-1) + 1, dtype=np.int64)
-        index_path = self.stage / schema.INDEX_FILE
-        samples_path = self.stage / schema.SAMPLES_FILE
-        shards = []
+        finished = self.finished_info()
+        if finished is not None:
+            return finished
+        run_folders = [self._run_folder(run) for run in range(self.runs)]
+        built = assemble(self.stage, self.source, run_folders, num_classes, side=self.layout.side,
+                        one_row_group=self.layout.one_row_group, fsync=self.fsync)
+        classes = class_table(built.counts, built.first, built.num_samples)
+        atomic_write_parquet(classes, self.stage / schema.CLASSES_FILE, "the class manifest", fsync=self.fsync)
         try:
-            with open(index_path.with_name(index_path.name + ".tmp"), "wb") as index_file, \
-                    open(samples_path.with_name(samples_path.name + ".tmp"), "wb") as samples_file:
-                np.lib.format.write_array_header_1_0(index_file, {
-                    "descr": np.lib.format.dtype_to_descr(schema.INDEX_DTYPE), "fortran_order": False,
-                    "shape": (num_samples,)})
-                out = pq.ParquetWriter(samples_file, schema.SAMPLE_SCHEMA, compression="zstd")
-                for g, path in enumerate(parts):
-                    part = _read_table(path)
-                    shard = schema.SAMPLE_SCHEMA.field("shard")
-                    part = part.set_column(part.schema.get_field_index("shard"), shard,
-                                           _arrow_array(shard, np.full(part.num_rows, g, np.int32)))
-                    out.write_table(part, row_group_size=_PARQUET_BATCH)
-                    class_ids = _numpy_column(part, "class_id")
-                    if class_ids.size and (class_ids.min() < 0 or class_ids.max() >= len(counts)):
-                        raise ValueError(f"{path}: class ids outside the {len(classes)} classes given")
-                    counts += np.bincount(class_ids, minlength=len(counts))
-                    rows = np.empty(part.num_rows, dtype=schema.INDEX_DTYPE)  # (rows,) of this part
-                    for field in ("offset", "size", "shard"):
-                        rows[field] = _numpy_column(part, field)
-                    index_file.write(rows.tobytes())
-                    name = schema.shard_name(self.source, g)
-                    target = self.stage / name
-                    # Linked afresh: a link left by a killed finish() may name a shard rewritten since.
-                    with contextlib.suppress(FileNotFoundError):
-                        target.unlink()
-                    os.link(path.with_suffix(".tar"), target)
-                    shards.append(schema.ShardInfo(name=name, num_samples=part.num_rows,
-                                                   num_bytes=target.stat().st_size))
-                out.close()
-                for f in (index_file, samples_file):
-                    f.flush()
-                    if self.fsync:
-                        os.fsync(f.fileno())
+            for name in built.manifests:
+                os.replace(self.stage / (name + ".tmp"), self.stage / name)
         except OSError as e:
-            raise _write_error(self.stage, "the sample manifests (samples.parquet, index.npy)", e) from None
-        class_table = self._class_table(classes, counts, num_samples)
-        _atomic_write_parquet(class_table, self.stage / schema.CLASSES_FILE, "the class manifest", fsync=self.fsync)
-        try:
-            os.replace(samples_path.with_name(samples_path.name + ".tmp"), samples_path)
-            os.replace(index_path.with_name(index_path.name + ".tmp"), index_path)
-        except OSError as e:
-            raise _write_error(self.stage, "the sample manifests", e) from None
-        splits = class_table["split"].to_pylist()
+            raise write_error(self.stage, "the sample manifests", e) from None
+        splits = classes["split"].to_pylist()
         extra = dict(info.get("extra", {}), staging_plan=self.plan,
                      manifest_bytes={name: (self.stage / name).stat().st_size
-                                     for name in (schema.CLASSES_FILE, schema.SAMPLES_FILE, schema.INDEX_FILE)})
+                                     for name in (schema.CLASSES_FILE, *built.manifests)})
         source_info = schema.SourceInfo(
             format_version=schema.FORMAT_VERSION, group=self.group, source=self.source,
-            num_classes=len(classes), num_samples=num_samples,
+            num_classes=classes.num_rows, num_samples=built.num_samples,
             classes_per_split={s: splits.count(s) for s in schema.SPLITS},
-            shards=tuple(shards), **dict(info, extra=extra),
+            shards=built.shards, layout=self.layout.name, **dict(info, extra=extra),
         )
         if self.fsync:  # the shard links and renamed manifests before source.json marks the folder finished
-            _fsync_dir(self.stage)
+            fsync_dir(self.stage)
         atomic_write_bytes(self.stage / schema.SOURCE_FILE, source_info.to_json().encode(), "source.json",
                            fsync=self.fsync)
         return source_info
 
-    def _class_table(self, classes: Sequence[ClassRecord], counts: np.ndarray, num_samples: int) -> pa.Table:
-        rows: dict[str, list] = {f.name: [] for f in schema.CLASS_SCHEMA}
-        start = 0
-        for c in classes:
-            if c.split not in schema.SPLITS:
-                raise ValueError(f"class {c.class_id}: split {c.split!r} is not one of {schema.SPLITS}")
-            written = int(counts[c.class_id]) if 0 <= c.class_id < len(counts) else 0
-            if written != c.num_images:
-                raise ValueError(f"class {c.class_id}: {c.num_images} images expected, {written} written")
-            for field, value in (("class_id", c.class_id), ("name", c.name), ("split", c.split),
-                                 ("superclass", c.superclass), ("num_images", c.num_images),
-                                 ("first_sample", start)):
-                rows[field].append(value)
-            start += c.num_images
-        if start != num_samples:
-            raise ValueError(f"{num_samples} samples written, classes account for {start}")
-        return _arrow_table(schema.CLASS_SCHEMA, rows)
-
     def publish(self) -> None:
-        """Move a finished staging folder into place; an existing source is replaced, never half-deleted.
+        """Move the finished staging folder into place; an existing source is replaced, never half-deleted.
 
-        Steps, each safe to kill: drop the run folders and plan (source.json marks the staging folder
-        finished), rename the old source to `.<source>.old`, rename the staging folder into place, remove
-        the old copy. `SourceStaging` completes or undoes an interrupted sequence.
+        Steps, each safe to kill: drop the run folders and the plan (source.json marks the staging folder
+        finished), rename the old source to `.<source>.old`, rename the staging folder into place, remove the
+        old copy. The next `Staging` (or `recover_publish`) completes or undoes a killed sequence.
         """
         if self.finished_info() is None:
             raise ValueError(f"{self.stage}: not finished (no source.json for this plan)")
-        publish_staged(self.stage, self.final, self.old, _RUNS_DIR, self._swap_in)
+        shutil.rmtree(self.stage / RUNS_DIR, ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):
+            (self.stage / PLAN_FILE).unlink()
+        if self.final.exists():
+            if self.old.exists():
+                shutil.rmtree(self.old)
+            os.replace(self.final, self.old)
+        self._swap_in()
 
     def _swap_in(self) -> None:
-        _swap_in(self.stage, self.final, self.old, self.fsync)
+        """The last step of `publish` (a method: the crash-safety tests kill the publish here)."""
+        swap_in(self.stage, self.final, self.old, self.fsync)
 
 
-def finished_staging_info(stage: Path, plan: dict[str, Any]) -> schema.SourceInfo | None:
-    """The SourceInfo of a staging folder whose source.json was written for `plan` (its `staging_plan`), else
-    None: such a folder is finished and only waits to be published."""
-    path = stage / schema.SOURCE_FILE
-    try:
-        info = schema.SourceInfo.from_json(path.read_text(), origin=str(path))
-    except (OSError, ValueError, TypeError, KeyError):
-        return None
-    return info if info.extra.get("staging_plan") == plan else None
-
-
-def publish_staged(stage: Path, final: Path, old: Path, work_dir: str, swap_in: Callable[[], None]) -> None:
-    """The publish sequence of `SourceStaging` and `OrderedSourceWriter`, each step safe to kill: drop the
-    staging folder's `work_dir` and plan (its source.json marks it finished), rename an existing source to
-    `old`, then `swap_in()` (rename the staging folder into place, remove the old copy: `_swap_in`).
-    `recover_publish` completes or undoes a sequence killed half-way."""
-    shutil.rmtree(stage / work_dir, ignore_errors=True)
-    with contextlib.suppress(FileNotFoundError):
-        (stage / _PLAN_FILE).unlink()
-    if final.exists():
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(final, old)
-    swap_in()
-
-
-def _old_dir(root: Path, group: str, source: str) -> Path:
-    return Path(root) / group / f".{source}{_OLD_SUFFIX}"
-
-
-def _swap_in(stage: Path, final: Path, old: Path, fsync: bool) -> None:
+def swap_in(stage: Path, final: Path, old: Path, fsync: bool) -> None:
+    """Rename a finished staging folder into place (fsyncing the group folder if asked), then remove `old`."""
     os.replace(stage, final)
     if fsync:
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
     if old.exists():
         shutil.rmtree(old)
 
@@ -312,71 +265,50 @@ def recover_publish(root: Path, group: str, source: str, *, fsync: bool = False)
     remove; without it, the finished staging folder is moved in (killed between the two renames), or, if
     there is none, the old source is put back.
     """
-    stage, final, old = staging_dir(root, group, source), source_dir(root, group, source), _old_dir(root, group, source)
+    stage, final, old = staging_dir(root, group, source), source_dir(root, group, source), old_dir(root, group, source)
     if not old.exists():
         return False
     if final.exists():
         shutil.rmtree(old)
         return False
     if (stage / schema.SOURCE_FILE).is_file():
-        _swap_in(stage, final, old, fsync)
+        swap_in(stage, final, old, fsync)
         return True
     os.replace(old, final)
     return False
 
 
-class SourceWriter:
-    """A source written sample by sample in one run (MNIST, tests, benchmarks): `add`..., `finish`.
+def published_files_intact(path: Path, info: schema.SourceInfo) -> bool:
+    """Every file a complete source publishes is present, with the size source.json recorded (every shard;
+    every manifest where `extra["manifest_bytes"]` lists it)."""
+    sizes: dict[str, int | None] = {s.name: s.num_bytes for s in info.shards}
+    sizes.update(info.extra.get("manifest_bytes", {}))
+    manifests = (schema.CLASSES_FILE, schema.SAMPLES_FILE, schema.INDEX_FILE)
+    if info.layout == ORDERED.name:
+        manifests += (schema.PROVENANCE_FILE,)
+    for name in manifests:
+        sizes.setdefault(name, None)
+    for name, size in sizes.items():
+        try:
+            st = (path / name).stat()
+        except OSError:
+            return False
+        if size is not None and st.st_size != size:
+            return False
+    return True
 
-    Args:
-        root: output root; the source goes to `<root>/<group>/<source>/`.
-        group: e.g. "md" or "vtab".
-        source: e.g. "omniglot".
-        fingerprint: JSON-able description of the input and settings. A staging folder left by an
-            interrupted run is resumed only if its fingerprint is equal; otherwise it is discarded.
-        max_shard_samples / max_shard_bytes: a shard is closed as soon as it holds this many samples or
-            this many bytes of image data.
-        fsync: fsync every file and folder before it counts (see `SourceStaging`).
-    """
 
-    def __init__(self, root: Path, group: str, source: str, *, fingerprint: dict[str, Any],
-                 max_shard_samples: int = schema.DEFAULT_MAX_SHARD_SAMPLES,
-                 max_shard_bytes: int = schema.DEFAULT_MAX_SHARD_BYTES, fsync: bool = False):
-        self.staging = SourceStaging(root, group, source, fingerprint=fingerprint, runs=1,
-                                     max_shard_samples=max_shard_samples, max_shard_bytes=max_shard_bytes,
-                                     fsync=fsync)
-        self.stage, self.final = self.staging.stage, self.staging.final
-        self._run = None if self.staging.finished_info() is not None else self.staging.run_writer(0)
-
-    @property
-    def num_committed(self) -> int:
-        """Samples in committed shards: what survives an interruption."""
-        info = self.staging.finished_info()
-        return info.num_samples if info is not None else self._run.num_committed
-
-    @property
-    def last_committed(self) -> tuple[int, int] | None:
-        """(class_id, index_in_class) of the last committed sample, or None if nothing is committed.
-
-        A finished (unpublished) staging folder reports every sample as committed.
-        """
-        if self._run is None:
-            return (1 << 31, 0)
-        return self._run.last_committed
-
-    def add(self, class_id: int, index_in_class: int, data: bytes | memoryview, fmt: str) -> None:
-        """Append one sample. Samples must come in increasing (class_id, index_in_class) order."""
-        self._run.add(class_id, index_in_class, data, fmt)
-
-    def abort(self) -> None:
-        """Close the open shard file without committing it (the staging folder stays resumable)."""
-        if self._run is not None:
-            self._run.abort()
-
-    def finish(self, classes: Sequence[ClassRecord], info: dict[str, Any]) -> schema.SourceInfo:
-        """Commit the last shard, write the manifests and publish the source (see `SourceStaging`)."""
-        if self._run is not None:
-            self._run.close()
-        source_info = self.staging.finish(classes, info)
-        self.staging.publish()
-        return source_info
+def up_to_date(root: Path, group: str, source: str, fingerprint: dict[str, Any]) -> schema.SourceInfo | None:
+    """The SourceInfo of `<root>/<group>/<source>` if it is complete, was written from this fingerprint, and
+    every published file is present with its recorded size; None otherwise (the source is converted again)."""
+    if not is_complete(root, group, source):
+        return None
+    folder = source_dir(root, group, source)
+    path = folder / schema.SOURCE_FILE
+    try:
+        info = schema.SourceInfo.from_json(path.read_text(), origin=str(path))
+    except (ValueError, TypeError, KeyError):
+        return None
+    if info.extra.get("fingerprint") != json.loads(json.dumps(fingerprint)):
+        return None
+    return info if published_files_intact(folder, info) else None

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from manifests import schema
 from manifests.reader import ManifestError, SourceReader
-from manifests.writer import _BLOCK, _tar_header
+from manifests._tar import BLOCK, tar_header
 
 _BATCH_ROWS = 1 << 16  # samples.parquet rows per record batch
 
@@ -77,8 +77,8 @@ def verify_source(
         first = row
         with open(shard_path, "rb", buffering=1 << 20) as f:
             while True:
-                header = f.read(_BLOCK)
-                if len(header) < _BLOCK or not any(header):
+                header = f.read(BLOCK)
+                if len(header) < BLOCK or not any(header):
                     break  # end of archive (its zero blocks and padding are checked below)
                 _check(row < num_rows, shard_path, f"extra member {_member_name(header)!r} after the last sample")
                 key, fmt, crc, class_id, in_class, row_shard, row_offset, image_size = next(rows)
@@ -90,10 +90,10 @@ def verify_source(
                     _fail(shard_path, f"row {row} ({key}) belongs to shard {row_shard}")
                 label = str(class_id).encode()
                 _check_header(header, f"{key}.{schema.LABEL_EXTENSION}", len(label), ctx)
-                block = f.read(_BLOCK)
-                if block != label + bytes(_BLOCK - len(label)):
+                block = f.read(BLOCK)
+                if block != label + bytes(BLOCK - len(label)):
                     _fail(ctx, f"label {block.rstrip(bytes(1))!r} != class {class_id}")
-                _check_header(f.read(_BLOCK), f"{key}.{fmt}", image_size, ctx)
+                _check_header(f.read(BLOCK), f"{key}.{fmt}", image_size, ctx)
                 offset = f.tell()
                 if offset != row_offset:
                     _fail(ctx, f"image data at byte {offset}, manifest says {row_offset}")
@@ -102,7 +102,7 @@ def verify_source(
                     _fail(ctx, "image data truncated")
                 if zlib.crc32(data) != crc:
                     _fail(ctx, "image bytes do not match the manifest's crc32")
-                if any(f.read(-image_size % _BLOCK)):
+                if any(f.read(-image_size % BLOCK)):
                     _fail(ctx, "non-zero padding after the image data")
                 if decode is not None:
                     try:
@@ -185,7 +185,7 @@ def _member_name(header: bytes) -> str:
 
 def _check_header(header: bytes, name: str, size: int, ctx: str) -> None:
     """A member header must be exactly the one the format prescribes for `name` and `size` (docs/format.md)."""
-    if header == _tar_header(name, size):
+    if header == tar_header(name, size):
         return
     _check(_member_name(header) == name, ctx, f"expected member {name}, found {_member_name(header)!r}")
     found = header[124:136].rstrip(b"\0 ").decode("ascii", "replace")

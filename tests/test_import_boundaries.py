@@ -127,7 +127,8 @@ def test_every_lazy_export_resolves_to_its_defining_module(package):
 def test_importing_the_converter_cli_loads_no_vtab_demo_or_verify_code():
     # Start-up is part of every `lite-convert md` run's time (BENCHMARKS.md, converter rows).
     code = ("import sys, convert.cli; print(sorted(m for m in sys.modules if m in "
-            "{'convert.vtab', 'convert.demo_data', 'convert.mnist', 'manifests.verify', 'manifests.ordered_writer'}))")
+            "{'convert.vtab', 'convert.demo_data', 'convert.mnist', 'convert.compare', 'manifests.verify',"
+            " 'manifests.ordered_writer'}))")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "[]"

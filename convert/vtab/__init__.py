@@ -4,8 +4,8 @@
 """
 
 from convert.vtab.convert import VtabConfig, convert_task, convert_vtab, plan_task
-from convert.vtab.labels import LABEL_RULES, derived_class_names, vtab_label
-from convert.vtab.registry import PROTOCOLS, TASKS, VTAB_V2_TASKS, VtabTask, get_task
+from convert.vtab.labels import LABEL_RULES, derived_class_names, rederive_labels
+from convert.vtab.registry import PROTOCOLS, TASKS, VTAB_V2_TASKS, VtabTask, get_task, vtab_label
 
 __all__ = [
     "LABEL_RULES",
@@ -19,5 +19,6 @@ __all__ = [
     "derived_class_names",
     "get_task",
     "plan_task",
+    "rederive_labels",
     "vtab_label",
 ]

@@ -6,10 +6,11 @@ prepared already), then read the protocol's support slices and its query slice i
 (`interleave_cycle_length=1`, no file shuffling) with the image left encoded (`SkipDecoding`), derive each
 label with `convert.vtab.labels` and append image bytes + label + provenance to an `OrderedSourceWriter`.
 Image bytes are stored untouched, except dsprites' 0/1 masks, re-encoded as PNG with values x255 (as
-VTAB's preprocessing multiplies them). A complete source with the same fingerprint is skipped; a staged
-one resumes after its last committed shard, a finished staged one is published, and a publish killed
-half-way is completed or undone first (`manifests.staging.recover_publish`). `--fsync` adds power-loss
-durability as in `lite-convert md` (docs/architecture.md "Durability").
+VTAB's preprocessing multiplies them). Crash safety and durability are `lite-convert md`'s, one staging
+protocol for both layouts (docs/architecture.md, "Staging"): a publish killed half-way is completed or undone
+first, a task that is up to date (same fingerprint, every published file at its recorded size) is skipped, a
+staged one resumes after its last committed and re-checked shard, a finished staged one is published, and
+`--fsync` adds power-loss durability.
 
 TensorFlow and TFDS are imported lazily, inside the functions that read data.
 """
@@ -19,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
-import json
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -28,10 +28,9 @@ import numpy as np
 
 from manifests import schema
 from manifests.ordered_writer import OrderedSourceWriter, SampleOrigin
-from manifests.staging import output_lock, recover_publish
-from manifests.writer import is_complete, source_dir
+from manifests.staging import output_lock
 
-from convert.md import SourceResult, converter_version, sniff_format, source_result
+from convert._common import SourceResult, converter_version, published_result, sniff_format, source_result
 from convert.vtab.labels import LABEL_RULES, derive_label, derived_class_names
 from convert.vtab.registry import PROTOCOL_GROUP, PROTOCOLS, Slice, VtabTask, get_task, parse_tasks
 
@@ -239,12 +238,12 @@ def convert_task(plan: TaskPlan, config: VtabConfig, progress: Progress | None =
     holds the output root's lock (`convert_vtab` does)."""
     start_time = time.perf_counter()
     task, group = plan.task, PROTOCOL_GROUP[config.protocol]
-    recovered = recover_publish(Path(config.out), group, task.task_id, fsync=config.fsync)  # killed half-way
-    done = _up_to_date(Path(config.out), group, task.task_id, plan.fingerprint)
+    done = published_result(config.out, group, task.task_id, plan.fingerprint, fsync=config.fsync,
+                            start_time=start_time)
     if done is not None:
         if progress:
             progress(task.task_id, plan.num_examples)
-        return source_result(done, "resumed" if recovered else "up to date", start_time)
+        return done
     writer = OrderedSourceWriter(Path(config.out), group, task.task_id, fingerprint=plan.fingerprint,
                                  max_shard_samples=config.max_shard_samples, max_shard_bytes=config.max_shard_bytes,
                                  fsync=config.fsync)
@@ -304,45 +303,6 @@ def _convert_slice(writer: OrderedSourceWriter, builder, task: VtabTask, read: R
         progress(task.task_id, pending)
     if count != read.count:
         raise ValueError(f"{task.task_id}: {read.slice.spec} gave {count} examples, {read.count} expected")
-
-
-def _up_to_date(out: Path, group: str, task_id: str, fingerprint: dict[str, Any]) -> schema.SourceInfo | None:
-    if not is_complete(out, group, task_id):
-        return None
-    path = source_dir(out, group, task_id) / schema.SOURCE_FILE
-    try:
-        info = schema.SourceInfo.from_json(path.read_text(), origin=str(path))
-    except (ValueError, TypeError, KeyError):
-        return None
-    return info if info.extra.get("fingerprint") == json.loads(json.dumps(fingerprint)) else None
-
-
-def rederive_labels(path: str | Path) -> int | None:
-    """Re-derive every label of a TFDS-read source from its stored raw value with the rule named in
-    source.json (`tfds.label_rule`); the number of labels checked, or None for a source not read from TFDS.
-
-    Raises:
-        ValueError: the first sample whose stored label differs, naming its key and raw value.
-    """
-    from manifests.provenance import read_provenance
-    from manifests.reader import SourceReader
-
-    with SourceReader(path) as reader:
-        origin = reader.info.tfds
-        if origin is None:
-            return None
-        if origin.label_rule not in LABEL_RULES:
-            raise ValueError(f"{path}: unknown label rule {origin.label_rule!r} in {schema.SOURCE_FILE}")
-        rule = LABEL_RULES[origin.label_rule]
-        samples = reader.samples()
-        labels, keys = samples["class_id"].to_numpy(), samples["key"].to_pylist()
-        raw = read_provenance(reader)["raw_value"].to_numpy()
-    for row, (label, value) in enumerate(zip(labels, raw)):
-        derived = rule.label_of(float(value))
-        if derived != label:
-            raise ValueError(f"{path}: sample {keys[row]} (row {row}) has label {label}, but rule "
-                             f"{rule.rule_id} gives {derived} for its raw value {value!r}")
-    return len(labels)
 
 
 def convert_vtab(config: VtabConfig, progress: Progress | None = None,

@@ -1,4 +1,4 @@
-"""VTAB-1k label rules as pure NumPy: a task id and a dict of flat TFDS feature values in, a label out.
+"""VTAB-1k label rules as pure NumPy: a rule id and a dict of flat TFDS feature values in, a label out.
 
 Each rule restates the `base_preprocess_fn` of google-research/task_adaptation @ d7630d3
 (`task_adaptation/data/{clevr,kitti,dsprites,smallnorb,dmlab,diabetic_retinopathy,...}.py`), with the
@@ -11,13 +11,16 @@ same float32 arithmetic:
   bins (40 values -> groups of 3, 2, 3, 2, ...).
 
 Where VTAB's TF code would produce a label outside `[0, num_classes)` (a scene without objects, a depth
-below every threshold, ...) `vtab_label` raises ValueError naming the task and the value instead of
-returning it. TensorFlow is never imported here; `convert/vtab/registry.py` says which rule each task uses.
+below every threshold, ...) `derive_label` raises ValueError naming the task and the value instead of
+returning it. Each rule keeps the raw value it reads apart from the label it gives, so `rederive_labels`
+(run by `lite-convert verify`) re-derives every label of a converted task from its stored raw values.
+TensorFlow is never imported here; `convert/vtab/registry.py` says which rule each task uses.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -162,23 +165,6 @@ def derive_label(task_id: str, rule_id: str, num_classes: int, features: Feature
     return derived
 
 
-def vtab_label(task_id: str, features: Features) -> int:
-    """The VTAB label of one example of `task_id` from its flat TFDS features, as VTAB's TF code computes it.
-
-    Example:
-        vtab_label("clevr_closest_object_distance", {"objects/pixel_coords": np.float32([[1, 2, 8.5]])}) == 1
-
-    Raises:
-        KeyError: unknown task id.
-        ValueError: a missing or malformed feature, or a value whose VTAB label would lie outside
-            `[0, num_classes)`; the message names the task and the value.
-    """
-    from convert.vtab.registry import get_task
-
-    task = get_task(task_id)
-    return derive_label(task_id, task.label_rule, task.num_classes, features).label  # type: ignore[return-value]
-
-
 def _range_names(values_per_label: dict[int, list[int]], what: str) -> tuple[str, ...]:
     names = []
     for label in sorted(values_per_label):
@@ -215,3 +201,32 @@ def derived_class_names(rule_id: str) -> tuple[str, ...] | None:
     if rule_id == "smallnorb_label_elevation":
         return tuple(f"elevation {30 + 5 * i} deg" for i in range(9))  # 30, 35, ..., 70 degrees
     return None
+
+
+def rederive_labels(path: str | Path) -> int | None:
+    """Re-derive every label of a TFDS-read source from its stored raw value with the rule named in
+    source.json (`tfds.label_rule`); the number of labels checked, or None for a source not read from TFDS.
+
+    Raises:
+        ValueError: the first sample whose stored label differs, naming its key and raw value.
+    """
+    from manifests import schema  # here: converting never reads a source back
+    from manifests.provenance import read_provenance
+    from manifests.reader import SourceReader
+
+    with SourceReader(path) as reader:
+        origin = reader.info.tfds
+        if origin is None:
+            return None
+        if origin.label_rule not in LABEL_RULES:
+            raise ValueError(f"{path}: unknown label rule {origin.label_rule!r} in {schema.SOURCE_FILE}")
+        rule = LABEL_RULES[origin.label_rule]
+        samples = reader.samples()
+        labels, keys = samples["class_id"].to_numpy(), samples["key"].to_pylist()
+        raw = read_provenance(reader)["raw_value"].to_numpy()
+    for row, (label, value) in enumerate(zip(labels, raw)):
+        derived = rule.label_of(float(value))
+        if derived != label:
+            raise ValueError(f"{path}: sample {keys[row]} (row {row}) has label {label}, but rule "
+                             f"{rule.rule_id} gives {derived} for its raw value {value!r}")
+    return len(labels)

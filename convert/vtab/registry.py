@@ -1,6 +1,7 @@
 """The 19 VTAB-1k tasks: task id in, TFDS builder, pinned version, split slices, label rule and manual files out.
 
-One entry per task id of `../shared/reference/vtab_webdataset.md` §1.2, filled explicitly (no decorators).
+One entry per task id of `../shared/reference/vtab_webdataset.md` §1.2, filled explicitly (no decorators); the
+task ids and their groups are `manifests.sources.VTAB_TASKS`, which the runtime reads too.
 Slices are TFDS split strings, always absolute (no percentages), so the TFDS canonical index of every
 example is `slice start + position`:
 
@@ -12,17 +13,19 @@ example is `slice start + position`:
 
 Versions are what VTAB's version specs resolve to under the pinned TFDS 4.9.6 (`constraints.txt`):
 `svhn_cropped:3.*.*` -> 3.0.0 there, `oxford_iiit_pet:3.*.*` -> 3.2.0 (gone from TFDS 4.9.7 on);
-docs/fidelity.md lists both. Pure data: importing this module imports no TensorFlow.
+docs/fidelity.md lists both. Pure data and `vtab_label` (a task's rule applied): importing this module imports
+no TensorFlow.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-from convert.vtab.labels import LABEL_RULES
+from manifests.sources import VTAB_TASKS
+
+from convert.vtab.labels import Features, derive_label
 
 PROTOCOLS = ("vtab1k", "lite")
-GROUPS = ("natural", "specialized", "structured")
 # Output group (folder under --out) of each protocol; the task id is the source name inside it.
 PROTOCOL_GROUP = {"vtab1k": "vtab", "lite": "vtab_lite"}
 SUPPORT_SIZE = 1000  # 800 + 200 (vtab1k) or the first 1000 of TFDS train (lite)
@@ -57,7 +60,7 @@ class VtabTask:
     """One VTAB-1k task."""
 
     task_id: str  # the "task id" column of vtab_webdataset.md §1.2; the source name of the converted task
-    group: str  # natural | specialized | structured
+    group: str  # one of manifests.sources.VTAB_GROUPS
     tfds_name: str  # TFDS builder name
     tfds_config: str | None  # builder config (None: the builder has none)
     tfds_version: str  # pinned, the version VTAB's spec resolves to under TFDS 4.9.6
@@ -93,11 +96,14 @@ _TEST = Slice("test", 0, None)
 _VALIDATION200 = Slice("validation", 0, 200)
 
 
-def _task(task_id: str, group: str, name: str, config: str | None, version: str, num_classes: int,
+_GROUP_OF = {task_id: group for group, task_ids in VTAB_TASKS.items() for task_id in task_ids}
+
+
+def _task(task_id: str, name: str, config: str | None, version: str, num_classes: int,
           val200: Slice, query: Slice, *, rule: str = "label", lite_query: Slice = _TEST,
           manual: tuple[ManualFile, ...] = (), in_vtab_v2: bool = True, rescale_255: bool = False) -> VtabTask:
-    return VtabTask(task_id, group, name, config, version, num_classes, rule, (_TRAIN800, val200), query,
-                    _LITE_SUPPORT, lite_query, manual, in_vtab_v2, "image", rescale_255)
+    return VtabTask(task_id, _GROUP_OF[task_id], name, config, version, num_classes, rule, (_TRAIN800, val200),
+                    query, _LITE_SUPPORT, lite_query, manual, in_vtab_v2, "image", rescale_255)
 
 
 _SUN397_FILES = (ManualFile("SUN397.tar.gz", "vision.princeton.edu (39 GB)"),
@@ -112,36 +118,36 @@ _DR_FILES = (ManualFile("train/", "Kaggle diabetic-retinopathy-detection: train.
 _TRAIN_REST = Slice("train", SUPPORT_SIZE, None)
 
 _ENTRIES = (
-    _task("caltech101", "natural", "caltech101", None, "3.0.2", 102, Slice("train", 2754, 2954), _TEST),
-    _task("cifar100", "natural", "cifar100", None, "3.0.2", 100, Slice("train", 45000, 45200), _TEST),
-    _task("dtd", "natural", "dtd", None, "3.0.1", 47, _VALIDATION200, _TEST, in_vtab_v2=False),
-    _task("oxford_flowers102", "natural", "oxford_flowers102", None, "2.1.1", 102, _VALIDATION200, _TEST),
-    _task("oxford_iiit_pet", "natural", "oxford_iiit_pet", None, "3.2.0", 37, Slice("train", 2944, 3144), _TEST),
-    _task("sun397", "natural", "sun397", "tfds", "4.0.0", 397, _VALIDATION200, _TEST, manual=_SUN397_FILES),
-    _task("svhn", "natural", "svhn_cropped", None, "3.0.0", 10, Slice("train", 65931, 66131), _TEST),
-    _task("patch_camelyon", "specialized", "patch_camelyon", None, "2.0.0", 2, _VALIDATION200, _TEST),
-    _task("eurosat", "specialized", "eurosat", "rgb", "2.0.0", 10, Slice("train", 16200, 16400),
+    _task("caltech101", "caltech101", None, "3.0.2", 102, Slice("train", 2754, 2954), _TEST),
+    _task("cifar100", "cifar100", None, "3.0.2", 100, Slice("train", 45000, 45200), _TEST),
+    _task("dtd", "dtd", None, "3.0.1", 47, _VALIDATION200, _TEST, in_vtab_v2=False),
+    _task("oxford_flowers102", "oxford_flowers102", None, "2.1.1", 102, _VALIDATION200, _TEST),
+    _task("oxford_iiit_pet", "oxford_iiit_pet", None, "3.2.0", 37, Slice("train", 2944, 3144), _TEST),
+    _task("sun397", "sun397", "tfds", "4.0.0", 397, _VALIDATION200, _TEST, manual=_SUN397_FILES),
+    _task("svhn", "svhn_cropped", None, "3.0.0", 10, Slice("train", 65931, 66131), _TEST),
+    _task("patch_camelyon", "patch_camelyon", None, "2.0.0", 2, _VALIDATION200, _TEST),
+    _task("eurosat", "eurosat", "rgb", "2.0.0", 10, Slice("train", 16200, 16400),
           Slice("train", 21600, None), lite_query=_TRAIN_REST),
-    _task("resisc45", "specialized", "resisc45", None, "3.0.0", 45, Slice("train", 18900, 19100),
+    _task("resisc45", "resisc45", None, "3.0.0", 45, Slice("train", 18900, 19100),
           Slice("train", 25200, None), lite_query=_TRAIN_REST, manual=_RESISC45_FILES),
-    _task("diabetic_retinopathy", "specialized", "diabetic_retinopathy_detection", "btgraham-300", "3.0.0", 5,
+    _task("diabetic_retinopathy", "diabetic_retinopathy_detection", "btgraham-300", "3.0.0", 5,
           _VALIDATION200, _TEST, manual=_DR_FILES),
-    _task("clevr_count_all", "structured", "clevr", None, "3.1.0", 8, Slice("train", 63000, 63200),
+    _task("clevr_count_all", "clevr", None, "3.1.0", 8, Slice("train", 63000, 63200),
           Slice("validation", 0, None), rule="clevr_count_all", lite_query=Slice("validation", 0, None)),
-    _task("clevr_closest_object_distance", "structured", "clevr", None, "3.1.0", 6, Slice("train", 63000, 63200),
+    _task("clevr_closest_object_distance", "clevr", None, "3.1.0", 6, Slice("train", 63000, 63200),
           Slice("validation", 0, None), rule="clevr_closest_object_distance",
           lite_query=Slice("validation", 0, None)),
-    _task("dmlab", "structured", "dmlab", None, "2.0.1", 6, _VALIDATION200, _TEST),
-    _task("kitti_closest_vehicle_distance", "structured", "kitti", None, "3.1.0", 4, _VALIDATION200, _TEST,
+    _task("dmlab", "dmlab", None, "2.0.1", 6, _VALIDATION200, _TEST),
+    _task("kitti_closest_vehicle_distance", "kitti", None, "3.1.0", 4, _VALIDATION200, _TEST,
           rule="kitti_closest_vehicle_distance"),
-    _task("dsprites_label_x_position", "structured", "dsprites", None, "2.0.0", 16, Slice("train", 589824, 590024),
+    _task("dsprites_label_x_position", "dsprites", None, "2.0.0", 16, Slice("train", 589824, 590024),
           Slice("train", 663552, None), rule="dsprites_label_x_position", lite_query=_TRAIN_REST, rescale_255=True),
-    _task("dsprites_label_orientation", "structured", "dsprites", None, "2.0.0", 16,
+    _task("dsprites_label_orientation", "dsprites", None, "2.0.0", 16,
           Slice("train", 589824, 590024), Slice("train", 663552, None), rule="dsprites_label_orientation",
           lite_query=_TRAIN_REST, rescale_255=True),
-    _task("smallnorb_label_azimuth", "structured", "smallnorb", None, "2.0.0", 18, Slice("test", 0, 200),
+    _task("smallnorb_label_azimuth", "smallnorb", None, "2.0.0", 18, Slice("test", 0, 200),
           Slice("test", 12150, None), rule="smallnorb_label_azimuth"),
-    _task("smallnorb_label_elevation", "structured", "smallnorb", None, "2.0.0", 9, Slice("test", 0, 200),
+    _task("smallnorb_label_elevation", "smallnorb", None, "2.0.0", 9, Slice("test", 0, 200),
           Slice("test", 12150, None), rule="smallnorb_label_elevation"),
 )
 
@@ -179,3 +185,17 @@ def parse_tasks(text: str) -> tuple[str, ...]:
         raise ValueError(f"--tasks names {', '.join(repeated)} more than once")
     return ids
 
+
+def vtab_label(task_id: str, features: Features) -> int:
+    """The VTAB label of one example of `task_id` from its flat TFDS features, as VTAB's TF code computes it.
+
+    Example:
+        vtab_label("clevr_closest_object_distance", {"objects/pixel_coords": np.float32([[1, 2, 8.5]])}) == 1
+
+    Raises:
+        KeyError: unknown task id.
+        ValueError: a missing or malformed feature, or a value whose VTAB label would lie outside
+            `[0, num_classes)`; the message names the task and the value.
+    """
+    task = get_task(task_id)
+    return derive_label(task_id, task.label_rule, task.num_classes, features).label  # type: ignore[return-value]

@@ -11,12 +11,15 @@ import pytest
 from typer.testing import CliRunner
 
 import convert.md as md
+import manifests._assemble as assemble_module
+import manifests._files as files_module
+import manifests._shards as shards_module
 import manifests.staging as staging_module
-import manifests.writer as writer_module
 from convert.cli import app
 from convert.md import ConvertConfig, convert_planned, convert_run, plan_datasets
 from manifests import open_source, verify_source
-from manifests.staging import SourceStaging, output_lock
+from manifests.staging import Staging, output_lock
+from manifests.writer import SourceStaging
 
 runner = CliRunner()
 SHARD = 2  # 9 samples of `tiny` (3 classes x 3): runs of one class, two shards each
@@ -61,24 +64,6 @@ def test_a_dataset_named_twice_is_an_error(tiny, tmp_path):
     result = runner.invoke(app, ["md", "--records", str(tiny), "--out", str(tmp_path / "out"), "--datasets",
                                  "tiny,tiny", "--workers", "2"])
     assert "--datasets names tiny more than once" in _error(result)
-
-
-@pytest.mark.parametrize("damage", ["delete shard", "truncate shard", "delete samples.parquet"])
-def test_a_missing_or_damaged_published_file_is_converted_again(tiny, tmp_path, reference, damage):
-    out = tmp_path / "out"
-    _convert(tiny, out)
-    src = out / "md" / "tiny"
-    if damage == "delete shard":
-        (src / "tiny-000001.tar").unlink()
-    elif damage == "truncate shard":
-        os.truncate(src / "tiny-000002.tar", 1024)
-    else:
-        (src / "samples.parquet").unlink()
-    [result] = _convert(tiny, out)
-    assert result.status == "converted"
-    verify_source(src)
-    _same_source(reference, src)
-    assert [r.status for r in _convert(tiny, out)] == ["up to date"]
 
 
 def _stage_first_runs(records: Path, out: Path, runs: int) -> tuple[Path, SourceStaging]:
@@ -129,7 +114,7 @@ def test_publishing_over_an_existing_source_can_be_killed_between_any_two_steps(
         if step == "before publish":
             patch.setattr(SourceStaging, "publish", _kill)
         elif step == "old source moved away":
-            patch.setattr(SourceStaging, "_swap_in", _kill)
+            patch.setattr(Staging, "_swap_in", _kill)
         else:
             rmtree = staging_module.shutil.rmtree
             patch.setattr(staging_module.shutil, "rmtree",
@@ -190,7 +175,7 @@ def test_a_full_disk_names_the_file_and_leaves_nothing_that_verifies(tiny, tmp_p
         return _FullDisk(file) if "w" in mode and str(path).endswith(full) else file
 
     _FullDisk.room = room
-    for module in (writer_module, staging_module):  # every file the converter writes is opened in these two
+    for module in (files_module, shards_module, assemble_module):  # every file the converter writes is opened here
         monkeypatch.setattr(module, "open", full_open, raising=False)
     error = _error(runner.invoke(app, ["md", "--records", str(tiny), "--out", str(out), "--max-shard-samples",
                                        str(SHARD)]))

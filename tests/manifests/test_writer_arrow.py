@@ -12,7 +12,7 @@ import pyarrow as pa
 import pytest
 
 from manifests import schema
-from manifests.writer import _arrow_table, _numpy_column
+from manifests._arrow import arrow_table, numpy_column
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -23,14 +23,21 @@ CLASSES = {"class_id": [0, 1, 2], "name": ["a", "", "Latin-character01"], "split
            "superclass": [None, 4, None], "num_images": [3, 0, 5], "first_sample": [0, 3, 3]}
 
 
+PROVENANCE = {"role": ["support", "query", "query"], "tfds_split": ["train", "test", "test"],
+              "tfds_slice": ["train[:800]", "test", "test"], "tfds_index": [0, 2**40, 7],
+              "raw_value": [1.5, -0.0, float("inf")], "tfds_id": [None, "x.tfrecord__3", None]}
+
+
 @pytest.mark.parametrize("table_schema,columns", [
     (schema.SAMPLE_SCHEMA, SAMPLES),
     (schema.CLASS_SCHEMA, CLASSES),
     (schema.CLASS_SCHEMA, dict(CLASSES, superclass=[7, 8, 9])),
     (schema.SAMPLE_SCHEMA, {name: [] for name in SAMPLES}),
+    (schema.PROVENANCE_SCHEMA, PROVENANCE),  # float64 and a nullable string column
+    (schema.PROVENANCE_SCHEMA, dict(PROVENANCE, tfds_id=["a", "b", "c"])),
 ])
 def test_arrow_table_equals_pyarrows_conversion(table_schema, columns):
-    ours = _arrow_table(table_schema, columns)
+    ours = arrow_table(table_schema, columns)
     ours.validate(full=True)
     assert ours.equals(pa.Table.from_pydict(columns, schema=table_schema))
     assert ours.to_pydict() == columns
@@ -39,17 +46,17 @@ def test_arrow_table_equals_pyarrows_conversion(table_schema, columns):
 def test_arrow_table_takes_numpy_columns():
     columns = dict(SAMPLES, offset=np.array(SAMPLES["offset"], np.int64), shard=np.array([0, 0, 3], np.int32))
     expected = pa.Table.from_pydict(SAMPLES, schema=schema.SAMPLE_SCHEMA)
-    assert _arrow_table(schema.SAMPLE_SCHEMA, columns).equals(expected)
+    assert arrow_table(schema.SAMPLE_SCHEMA, columns).equals(expected)
 
 
 def test_numpy_column_equals_to_numpy_on_sliced_and_chunked_columns():
     table = pa.concat_tables([pa.Table.from_pydict(SAMPLES, schema=schema.SAMPLE_SCHEMA)] * 3).slice(2, 5)
     for name in ("class_id", "offset", "crc32"):
-        got = _numpy_column(table, name)
+        got = numpy_column(table, name)
         assert got.dtype == table[name].to_numpy().dtype and got.tolist() == table[name].to_numpy().tolist()
-    assert _numpy_column(table.slice(0, 0), "size").tolist() == []
+    assert numpy_column(table.slice(0, 0), "size").tolist() == []
     with pytest.raises(ValueError, match="superclass"):
-        _numpy_column(pa.Table.from_pydict(CLASSES, schema=schema.CLASS_SCHEMA), "superclass")
+        numpy_column(pa.Table.from_pydict(CLASSES, schema=schema.CLASS_SCHEMA), "superclass")
 
 
 _PROBE = """

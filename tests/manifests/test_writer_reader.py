@@ -16,7 +16,7 @@ import pytest
 
 from manifests import (ClassRecord, ManifestError, SourceReader, SourceWriter, find_sources, open_source,
                        schema, verify_source)
-from manifests.writer import staging_dir
+from manifests.staging import staging_dir
 
 INFO = dict(origin="test", converter_version="0", benchmark="md-v1", dataset_spec=None, sampling_spec=None)
 
@@ -262,13 +262,13 @@ def test_keys_and_names_follow_the_webdataset_rules():
 
 
 def test_tar_headers_are_byte_identical_to_tarfiles():
-    from manifests.writer import _tar_header, _tarfile_header
+    from manifests._tar import tar_header, tarfile_header
 
     rng = np.random.RandomState(0)
     names = ["a", "c00001_0000001.cls", "x" * 100] + ["k" * int(rng.randint(1, 101)) for _ in range(50)]
     for name in names:
         for size in (0, 1, 511, 512, 10**6, 8**11 - 1, int(rng.randint(0, 2**31))):
-            assert _tar_header(name, size) == _tarfile_header(name, size), (name, size)
+            assert tar_header(name, size) == tarfile_header(name, size), (name, size)
 
 
 @pytest.mark.parametrize("class_bytes,class_samples,max_samples,max_bytes,runs", [

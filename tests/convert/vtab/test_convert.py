@@ -20,9 +20,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from convert.cli import app
-from convert.vtab.convert import VtabConfig, convert_vtab, rederive_labels
-from convert.vtab.labels import vtab_label
-from convert.vtab.registry import TASKS, VTAB_V2_TASKS
+from convert.vtab.convert import VtabConfig, convert_vtab
+from convert.vtab.labels import rederive_labels
+from convert.vtab.registry import TASKS, VTAB_V2_TASKS, vtab_label
 from manifests import SourceReader, schema
 from manifests.provenance import read_provenance, role_rows
 from manifests.verify import verify_source

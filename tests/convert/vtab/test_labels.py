@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from convert.vtab.labels import derived_class_names, vtab_label
+from convert.vtab.labels import derived_class_names
+from convert.vtab.registry import vtab_label
 
 F32_ABOVE_8 = float(np.nextafter(np.float32(8.0), np.float32(9.0)))  # the float32 right after 8.0
 

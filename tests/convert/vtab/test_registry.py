@@ -12,6 +12,7 @@ import pytest
 from convert.vtab.convert import _tfds
 from convert.vtab.labels import DSPRITES_VALUES, LABEL_RULES
 from convert.vtab.registry import TASKS, VTAB1K_QUERY_SIZES, Slice
+from manifests.sources import VTAB_GROUPS, VTAB_TASKS
 
 from tests.convert.vtab.conftest import SPLIT_SIZES
 
@@ -57,6 +58,15 @@ def _length(s: Slice, sizes: dict[str, int]) -> int:
 
 def test_registry_holds_exactly_the_19_reference_tasks():
     assert list(TASKS) == list(REFERENCE)
+
+
+def test_registry_groups_are_the_shared_source_registrys():
+    # manifests.sources (read by lite_train's evaluation too) lists the same tasks in the same order, and
+    # each task's group is the group that lists it: natural 7, specialized 4, structured 8 tasks.
+    assert VTAB_GROUPS == ("natural", "specialized", "structured")
+    assert [len(VTAB_TASKS[g]) for g in VTAB_GROUPS] == [7, 4, 8]
+    assert [t for g in VTAB_GROUPS for t in VTAB_TASKS[g]] == list(TASKS)
+    assert {t: TASKS[t].group for t in TASKS} == {t: g for g in VTAB_GROUPS for t in VTAB_TASKS[g]}
 
 
 @pytest.mark.parametrize("task_id", list(TASKS))

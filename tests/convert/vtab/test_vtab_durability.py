@@ -16,12 +16,12 @@ import pytest
 from typer.testing import CliRunner
 
 import convert.vtab.convert as vtab_convert
-import manifests.ordered_writer as ordered_writer_module
 import manifests.staging as staging_module
 from convert.cli import app
 from convert.vtab.convert import VtabConfig, convert_vtab
 from manifests import open_source, schema
 from manifests.ordered_writer import OrderedSourceWriter
+from manifests.staging import Staging
 from manifests.verify import verify_source
 
 from tests.convert.conftest import inode as _inode
@@ -111,11 +111,11 @@ def test_publishing_over_an_existing_task_can_be_killed_between_any_two_steps(tf
             if step == "before publish":
                 patch.setattr(OrderedSourceWriter, "publish", _kill)
             elif step == "parts dropped":  # staging holds only the manifests and source.json; old source in place
-                replace = ordered_writer_module.os.replace
-                patch.setattr(ordered_writer_module.os, "replace",
+                replace = staging_module.os.replace
+                patch.setattr(staging_module.os, "replace",
                               lambda a, b: _kill() if Path(a).name == TASK else replace(a, b))
             elif step == "old source moved away":
-                patch.setattr(ordered_writer_module, "_swap_in", _kill)
+                patch.setattr(Staging, "_swap_in", _kill)
             else:
                 rmtree = staging_module.shutil.rmtree
                 patch.setattr(staging_module.shutil, "rmtree",
@@ -156,7 +156,7 @@ def test_a_damaged_staged_shard_is_written_again_not_published(tfds_dir, tmp_pat
         _convert(tfds_dir, tmp_path / "reference")
         with pytest.raises(KeyboardInterrupt):
             _convert(tfds_dir, out, interrupt)
-        shard = out / "vtab" / f".{TASK}.partial" / schema.shard_name(TASK, 1)  # the second of two committed
+        shard = out / "vtab" / f".{TASK}.partial" / "runs" / "000000" / "000001.tar"  # the second of three committed
         data = bytearray(shard.read_bytes())
         if damage == "delete":
             shard.unlink()
