@@ -4,9 +4,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO := demo
-DEMO_TASKS ?= 120
-DEMO_LR ?= 0.002
-DEMO_TEST_EPISODES ?= 30
+DEMO_SEED ?= 0
+DEMO_EPOCHS ?= 8
+DEMO_TASKS ?= 300
+DEMO_LR ?= 0.005
+DEMO_TEST_EPISODES ?= 40
 DATA ?= data
 RECORDS ?=
 
@@ -23,25 +25,31 @@ $(STAMP): pyproject.toml constraints.txt
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-# The main job on embedded demo data: write real-format MD records, convert, verify, sample episodes.
+# The main job on embedded demo data (README, "What make demo shows"): write real-format MD records, convert,
+# verify; a random and a pretrained backbone (MNIST, train-only in MD-v2 like ImageNet); LITE meta-trained on
+# the training classes of glyphs and textures; all three tested on the same episodes of their held-out classes.
 demo: $(STAMP)
 	rm -rf $(DEMO)
 	$(BIN)/lite-convert demo-data $(DEMO)/records
 	$(BIN)/lite-convert md --records $(DEMO)/records --out $(DEMO)/shards
 	$(BIN)/lite-convert mnist --idx-dir $(DEMO)/records/mnist_idx --out $(DEMO)/shards
 	$(BIN)/lite-convert verify $(DEMO)/shards --decode --records $(DEMO)/records
-	$(BIN)/lite-train describe --data $(DEMO)/shards --source demo_glyphs --split test --seed 0 --count 3
-	$(BIN)/lite-train episodes --data $(DEMO)/shards --source demo_glyphs --split test --seed 0 --n 2 --out $(DEMO)/episodes.png
-	@# Meta-train LITE briefly (random backbone with calibrated BN, 32 px), then test on the held-out classes
-	@# next to the same model with identity FiLM (README: what this shows and what it does not).
-	$(BIN)/lite-train train --data $(DEMO)/shards --out $(DEMO)/run --sources demo_textures,demo_glyphs,mnist \
-		--val-sources none --image-size 32 --iterations $(DEMO_TASKS) --tasks-per-step 4 --h 10 \
-		--max-way-train 5 --max-support-train 20 --max-query-train 4 --learning-rate $(DEMO_LR) \
-		--calibration-images 200 --num-workers 1 --checkpoint-every 50
-	$(BIN)/lite-train test --checkpoint $(DEMO)/run/checkpoint.pt --data $(DEMO)/shards \
-		--sources demo_textures,demo_glyphs --episodes $(DEMO_TEST_EPISODES) --identity-film-baseline \
-		--num-workers 1 --out $(DEMO)/test
-	@echo "demo: shards in $(DEMO)/shards, episodes.png, run folder $(DEMO)/run, test results in $(DEMO)/test"
+	$(BIN)/lite-train episodes --data $(DEMO)/shards --source demo_glyphs --split test --seed 0 --n 2 --image-size 84 \
+		--out $(DEMO)/episodes.png
+	$(BIN)/lite-train pretrain --data $(DEMO)/shards --sources mnist --out $(DEMO)/random --image-size 32 --epochs 0 \
+		--num-workers 0 --seed $(DEMO_SEED)
+	$(BIN)/lite-train pretrain --data $(DEMO)/shards --sources mnist --out $(DEMO)/pretrain --image-size 32 \
+		--epochs $(DEMO_EPOCHS) --augment crop --num-workers 0 --seed $(DEMO_SEED)
+	$(BIN)/lite-train train --data $(DEMO)/shards --out $(DEMO)/run --sources demo_glyphs,demo_textures \
+		--val-sources none --backbone-weights $(DEMO)/pretrain/backbone.pt --image-size 32 --iterations $(DEMO_TASKS) \
+		--tasks-per-step 2 --h 10 --max-way-train 5 --max-support-train 20 --max-query-train 4 \
+		--learning-rate $(DEMO_LR) --num-workers 0 --checkpoint-every 100 --seed $(DEMO_SEED)
+	$(BIN)/lite-train test --checkpoint $(DEMO)/random/backbone.pt --checkpoint $(DEMO)/pretrain/backbone.pt \
+		--checkpoint $(DEMO)/run/fully_trained.pt --labels "random backbone,pretrained backbone,pretrained + LITE" \
+		--data $(DEMO)/shards --sources demo_glyphs,demo_textures --episodes $(DEMO_TEST_EPISODES) --num-workers 0 \
+		--seed $(DEMO_SEED) \
+		--out $(DEMO)/test
+	@echo "demo: curves in $(DEMO)/pretrain/curves.png and $(DEMO)/run/curves.png, test results in $(DEMO)/test"
 
 # Convert real Meta-Dataset records: make convert RECORDS=/path/to/records [DATA=data]
 convert: $(STAMP)

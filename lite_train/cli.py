@@ -9,7 +9,15 @@ from typing import Optional
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+from lite_train.options import MAX_IMAGE_SIZE, config_command
+from lite_train.runtime import DEVICE_HELP, resolve_device
+from lite_train.train.config import TrainConfig
+from lite_train.train.predict import PredictConfig
+from lite_train.train.pretrain_config import PretrainConfig
+from lite_train.train.testing import TestConfig
+from lite_train.vtab.config import VtabEvalConfig
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="TF-free LITE runtime: episode sampling and loading, meta-training, testing, prediction.")
 
 
@@ -93,9 +101,6 @@ def episodes(
 
 
 
-MAX_IMAGE_SIZE = 1024
-
-
 def _check_writable_file(path: Path, flag: str) -> None:
     """Fail (one line) unless `path` can be written as a file: not a folder, under a writable folder."""
     import os
@@ -137,216 +142,127 @@ def _write_atomic(path: Path, write) -> None:
         _fail(f"{path}: cannot write: {e.strerror or e}")
 
 
-def _device(name: str, tf32: bool = False) -> str:
-    """The torch device for --device; on CUDA also the float32 policy (`set_tf32`: off unless --tf32)."""
-    import torch
+@config_command(app, "pretrain", PretrainConfig)
+def pretrain(values: dict,
+             device: str = typer.Option("auto", help=DEVICE_HELP),
+             resume: bool = typer.Option(False, help="Continue the run in --out from its checkpoint.pt (same "
+                                                     "settings).")) -> None:
+    """Pretrain the EfficientNet-B0 backbone with cross-entropy on the training classes of --sources (as
+    Meta-Dataset's batch baselines pretrain on ImageNet's): writes <out>/backbone.pt for `lite-train train
+    --backbone-weights`. Ctrl-C / SIGTERM write a checkpoint before exiting."""
+    from lite_train.train.pretrain import pretrain as run_pretrain
 
-    from lite_train.train.config import set_tf32
-
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        _fail(f"--device {name}: no CUDA device on this machine")
-    if tf32 and not name.startswith("cuda"):
-        _fail(f"--tf32: TF32 is a CUDA setting; the device is {name}")
-    if name.startswith("cuda"):
-        set_tf32(tf32)
-    return name
-
-
-def _names(text: Optional[str]) -> Optional[list[str]]:
-    return None if not text else [s.strip() for s in text.split(",") if s.strip()]
-
-
-@app.command()
-def train(
-    data: Path = typer.Option(..., help="Root of converted sources."),
-    out: Path = typer.Option(..., help="Run folder (config.json, checkpoint.pt, metrics.csv, events, models)."),
-    sources: Optional[str] = typer.Option(None, help="Training sources, comma-separated [default: the MD-v2 "
-                                          "training sources present]."),
-    val_sources: Optional[str] = typer.Option(None, help="Validation sources [default: the MD-v2 validation "
-                                              "sources present]; 'none' disables validation."),
-    view: str = typer.Option("md-v2", help="Class-split view: md-v2 (LITE's) | md-v1."),
-    train_method: str = typer.Option("lite", help="lite | small_task | no_lite"),
-    classifier: str = typer.Option("simple_cnaps", help="simple_cnaps (LITE) | protonets"),
-    h: int = typer.Option(40, help="LITE: support images that carry gradients per query chunk."),
-    chunk_size: int = typer.Option(40, help="Query chunk and no-grad pass size (the reference's --batch_size)."),
-    tasks_per_step: int = typer.Option(16, help="Tasks per Adam step (gradient accumulation)."),
-    learning_rate: float = typer.Option(1e-3),
-    iterations: int = typer.Option(10_000, help="Training tasks in total."),
-    image_size: int = typer.Option(224),
-    max_way_train: int = typer.Option(50),
-    max_support_train: int = typer.Option(500),
-    max_query_train: int = typer.Option(10, help="Query images per class at most (MD's max_num_query)."),
-    val_freq: int = typer.Option(5000, help="Validate every this many tasks (never after the last)."),
-    val_episodes: int = typer.Option(200, help="Episodes per validation source."),
-    lite_scale: bool = typer.Option(False, help="Multiply the H-subset gradient by N/H (the paper's "
-                                    "estimator; docs/fidelity.md M3 says where it is unbiased)."),
-    backbone_weights: Optional[Path] = typer.Option(None, help="EfficientNet-B0 weights [default: random]."),
-    calibration_images: int = typer.Option(0, min=0, help="Random backbone: set its BN statistics from this "
-                                           "many training images first."),
-    seed: int = typer.Option(0),
-    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:K (torchrun: each process its own GPU)."),
-    bf16: bool = typer.Option(False, help="bfloat16 autocast (CUDA only)."),
-    tf32: bool = typer.Option(False, help="CUDA: TF32 float32 convolutions/matmuls (faster; moves LITE's "
-                              "logits beyond float32 rounding, docs/fidelity.md)."),
-    num_workers: int = typer.Option(2, min=0, help="Episode decode processes."),
-    checkpoint_every: int = typer.Option(1000, help="Tasks between checkpoint.pt writes."),
-    resume: bool = typer.Option(False, help="Continue the run in --out from its checkpoint.pt (same flags)."),
-) -> None:
-    """Meta-train LITE on converted sources; Ctrl-C / SIGTERM write a checkpoint before exiting."""
-    import os
-
-    from lite_train.train import MD_V2_TRAIN, MD_V2_VALID, TrainConfig, resolve_sources, train as run_train
-    from manifests import ManifestError
-
-    try:
-        dev = _device(device, tf32)
-        if dev == "cuda" and "LOCAL_RANK" in os.environ:
-            dev = f"cuda:{os.environ['LOCAL_RANK']}"
-        train_sources, missing = resolve_sources(data, _names(sources), MD_V2_TRAIN, "training")
-        if missing:
-            typer.echo(f"MD-v2 training sources not converted under {data} (training without them): "
-                       f"{', '.join(missing)}", err=True)
-        if not train_sources:
-            _fail(f"{data}: none of the MD-v2 training sources is converted there; pass --sources")
-        if val_sources == "none":
-            valid = ()
-        else:
-            valid, missing = resolve_sources(data, _names(val_sources), MD_V2_VALID, "validation")
-            if missing:
-                typer.echo(f"MD-v2 validation sources not converted under {data} (validating without them): "
-                           f"{', '.join(missing)}", err=True)
-        cfg = TrainConfig(
-            data=str(data), out=str(out), sources=train_sources, val_sources=tuple(valid), view=view,
-            train_method=train_method, classifier=classifier, h=h, chunk_size=chunk_size,
-            tasks_per_step=tasks_per_step, learning_rate=learning_rate, iterations=iterations,
-            image_size=image_size, max_way_train=max_way_train, max_support_train=max_support_train,
-            max_query_train=max_query_train, val_freq=val_freq, val_episodes=val_episodes, lite_scale=lite_scale,
-            backbone_weights=None if backbone_weights is None else str(backbone_weights),
-            calibration_images=calibration_images, seed=seed,
-            device=dev, bf16=bf16, tf32=tf32, num_workers=num_workers, checkpoint_every=checkpoint_every)
-        result = run_train(cfg, resume=resume, progress=sys.stderr.isatty())
-    except (ValueError, ManifestError) as e:
-        _fail(str(e))
+    with _one_line_errors():
+        cfg = PretrainConfig(**values, device=resolve_device(device))
+        result = run_pretrain(cfg, resume=resume)
     if not result.finished:
-        typer.echo(f"stopped at task {result.iteration}; checkpoint written to {out}/checkpoint.pt "
+        typer.echo(f"stopped at batch {result.batches}; checkpoint written to {cfg.out}/checkpoint.pt "
+                   "(continue with the same command plus --resume)")
+        raise typer.Exit(130)
+    held = "" if result.held_out_accuracy is None else f", held-out accuracy {result.held_out_accuracy:.1f} %"
+    typer.echo(f"pretrained {result.batches} batches{held}; backbone in {result.backbone} "
+               f"(curves: {cfg.out}/curves.png)")
+
+
+@config_command(app, "train", TrainConfig)
+def train(values: dict,
+          device: str = typer.Option("auto", help=DEVICE_HELP),
+          resume: bool = typer.Option(False, help="Continue the run in --out from its checkpoint.pt (same "
+                                                  "settings).")) -> None:
+    """Meta-train LITE on converted sources; Ctrl-C / SIGTERM write a checkpoint before exiting."""
+    from lite_train.train.config import resolve_train_config
+    from lite_train.train.loop import train as run_train
+
+    with _one_line_errors():
+        cfg, notes = resolve_train_config(values, resolve_device(device, values.get("tf32", False)))
+        for note in notes:
+            typer.echo(note, err=True)
+        result = run_train(cfg, resume=resume)
+    if not result.finished:
+        typer.echo(f"stopped at task {result.iteration}; checkpoint written to {cfg.out}/checkpoint.pt "
                    f"(continue with the same command plus --resume)")
         raise typer.Exit(130)
-    typer.echo(f"trained {result.iteration} tasks; models in {out}")
+    typer.echo(f"trained {result.iteration} tasks; models in {cfg.out} (curves: {cfg.out}/curves.png)")
 
 
-@app.command()
-def test(
-    checkpoint: Path = typer.Option(..., help="checkpoint.pt, fully_trained.pt, best_validation.pt or a LITE .pt."),
-    data: Path = typer.Option(..., help="Root of converted sources."),
-    sources: Optional[str] = typer.Option(None, help="Test sources [default: the MD-v2 test sources present]."),
-    episodes: int = typer.Option(600, min=1, help="Episodes per source."),
-    seed: int = typer.Option(0, help="Same seed, same episodes, same numbers."),
-    image_size: Optional[int] = typer.Option(None, help="[default: the checkpoint's training size, else 224]"),
-    chunk_size: int = typer.Option(40, help="Images per no-grad pass."),
-    view: str = typer.Option("md-v2", help="Class-split view: md-v2 (LITE's) | md-v1."),
-    identity_film_baseline: bool = typer.Option(False, help="Also test the same model with identity FiLM "
-                                                "(untrained adaptation), side by side."),
-    out: Path = typer.Option(Path("test-results"), help="Folder for test_results.json and test_results.png."),
-    device: str = typer.Option("auto"),
-    tf32: bool = typer.Option(False, help="CUDA: TF32 float32 convolutions/matmuls (docs/fidelity.md)."),
-    num_workers: int = typer.Option(2, min=0),
-) -> None:
-    """Test a model: accuracy mean ± 1.96·std/√n per source (table, JSON, PNG chart)."""
-    from lite_train.train import MD_V2_TEST, resolve_sources
-    from lite_train.train.testing import run_test, saved_setting
-    from manifests import ManifestError
+@config_command(app, "test", TestConfig)
+def test(values: dict, device: str = typer.Option("auto", help=DEVICE_HELP)) -> None:
+    """Test models on the same seeded episodes: accuracy mean ± 1.96·std/√n per source and model, and the
+    paired gain of each model over the one before it (table, JSON, PNG chart)."""
+    from lite_train.train.testing import run_test
 
-    import torch
-
-    try:
-        test_sources, missing = resolve_sources(data, _names(sources), MD_V2_TEST, "test")
-        if missing:
-            typer.echo(f"MD-v2 test sources not converted under {data} (not tested): {', '.join(missing)}",
-                       err=True)
-        if not test_sources:
-            _fail(f"{data}: none of the MD-v2 test sources is converted there; pass --sources")
-        if not checkpoint.is_file():
-            _fail(f"{checkpoint}: no such file")
-        size = image_size or saved_setting(checkpoint, "image_size") or 224
-        run_test(checkpoint, str(data), test_sources, episodes=episodes, seed=seed, image_size=size,
-                 device=torch.device(_device(device, tf32)), chunk_size=chunk_size, num_workers=num_workers, out=out,
-                 identity_film_baseline=identity_film_baseline, progress=sys.stderr.isatty(), view=view)
-    except (ValueError, ManifestError) as e:
-        _fail(str(e))
-    typer.echo(f"wrote {out}/test_results.json and {out}/test_results.png")
+    with _one_line_errors():
+        cfg = TestConfig(**values, device=resolve_device(device, values.get("tf32", False)))
+        run_test(cfg)
+    typer.echo(f"wrote {cfg.out}/test_results.json and {cfg.out}/test_results.png")
 
 
-@app.command()
-def predict(
-    checkpoint: Path = typer.Option(..., help="A trained model (checkpoint.pt, fully_trained.pt, LITE .pt)."),
-    support: Path = typer.Option(..., help="Folder with one sub-folder of images per class."),
-    query: Path = typer.Option(..., help="Folder of images to classify."),
-    out: Path = typer.Option(Path("predictions.csv"), help="CSV: file, predicted class, score per class."),
-    image_size: Optional[int] = typer.Option(None, help="[default: the checkpoint's training size, else 224]"),
-    chunk_size: int = typer.Option(40),
-    device: str = typer.Option("auto"),
-    tf32: bool = typer.Option(False, help="CUDA: TF32 float32 convolutions/matmuls (docs/fidelity.md)."),
-) -> None:
+@config_command(app, "predict", PredictConfig)
+def predict(values: dict, device: str = typer.Option("auto", help=DEVICE_HELP)) -> None:
     """Classify the query images with the classes shown in the support folder."""
     import torch
 
+    from lite_train.model.model_file import read_model_file
+    from lite_train.runtime import torch_threads
     from lite_train.train.predict import predict_folders, print_predictions, write_predictions
-    from lite_train.train.testing import load_model, saved_setting
 
-    try:
-        if not checkpoint.is_file():
-            _fail(f"{checkpoint}: no such file")
-        dev = torch.device(_device(device, tf32))
-        size = image_size or saved_setting(checkpoint, "image_size") or 224
-        model = load_model(checkpoint, dev)
-        names, files, scores, hidden = predict_folders(model, support, query, size, dev, chunk_size)
-        write_predictions(out, names, files, scores)
-    except (ValueError, OSError) as e:
-        _fail(str(e))
+    with _one_line_errors():
+        cfg = PredictConfig(**values, device=resolve_device(device, values.get("tf32", False)))
+        cfg.check_output()
+        model_file = read_model_file(cfg.checkpoint)
+        size, note = model_file.image_size(cfg.image_size)
+        if note:
+            typer.echo(note, err=True)
+        with torch_threads(cfg.threads, 0):
+            model = model_file.build(cfg.device)
+            names, files, scores, hidden = predict_folders(model, Path(cfg.support), Path(cfg.query), size,
+                                                           torch.device(cfg.device), cfg.chunk_size)
+        write_predictions(Path(cfg.out), names, files, scores)
     print_predictions(names, files, scores)
-    typer.echo(f"wrote {out} ({len(files)} queries, {len(names)} classes"
+    typer.echo(f"wrote {cfg.out} ({len(files)} queries, {len(names)} classes, {size} px"
                + (f"; {hidden} hidden files ignored)" if hidden else ")"))
 
 
-@app.command("eval-vtab")
-def eval_vtab(
-    data: Path = typer.Option(..., help="Root of converted sources (lite-convert vtab --out)."),
-    checkpoint: Path = typer.Option(..., help="checkpoint.pt, fully_trained.pt, best_validation.pt or a LITE .pt."),
-    tasks: Optional[str] = typer.Option(None, help="Comma-separated task ids; default: every converted task."),
-    protocol: Optional[str] = typer.Option(None, help="Only tasks converted with this protocol: vtab1k | lite."),
-    image_size: int = typer.Option(224, min=32, help="Side S of the model's input (the set encoder needs >= 32)."),
-    chunk_size: int = typer.Option(40, min=2, help="Images per no-grad pass and per query batch."),
-    preprocess: str = typer.Option("md", help="md (TF1 bilinear) | lite (LITE's PIL LANCZOS resize)."),
-    out: Path = typer.Option(Path("vtab-results"), help="Folder for vtab_results.{json,csv,png} and tasks/."),
-    resume: bool = typer.Option(False, help="Keep the tasks already scored in --out, score the rest."),
-    device: str = typer.Option("auto"),
-    tf32: bool = typer.Option(False, help="CUDA: TF32 float32 convolutions/matmuls (docs/fidelity.md)."),
-    num_workers: int = typer.Option(2, min=0, help="Decode worker processes."),
-    label_misalignment_quirk: bool = typer.Option(False, help="Reference quirk: argmax column taken as the label "
-                                                  "(wrong when a class is missing from the support set)."),
-    drop_last_query_quirk: bool = typer.Option(False, help="Reference quirk: skip the last query example when "
-                                               "the query size mod --chunk-size is 1."),
-) -> None:
+@config_command(app, "eval-vtab", VtabEvalConfig)
+def eval_vtab(values: dict, device: str = typer.Option("auto", help=DEVICE_HELP)) -> None:
     """Evaluate a model on converted VTAB tasks: per-task accuracy and group means (table, JSON, CSV, PNG)."""
-    from lite_train.vtab import VtabEvalConfig, run_eval_vtab
-    from manifests import ManifestError
+    from lite_train.vtab import run_eval_vtab
 
-    if image_size > MAX_IMAGE_SIZE:
-        _fail(f"--image-size {image_size}: at most {MAX_IMAGE_SIZE} pixels a side")
-    if not checkpoint.is_file():
-        _fail(f"{checkpoint}: no such file")
-    try:
-        cfg = VtabEvalConfig(data=str(data), checkpoint=str(checkpoint), out=str(out), tasks=tuple(_names(tasks) or ()),
-                             protocol=protocol, image_size=image_size, chunk_size=chunk_size, preprocess=preprocess,
-                             num_workers=num_workers, device=_device(device, tf32), resume=resume,
-                             label_misalignment_quirk=label_misalignment_quirk,
-                             drop_last_query_quirk=drop_last_query_quirk)
-        run_eval_vtab(cfg, progress=sys.stderr.isatty())
-    except (ValueError, ManifestError, OSError) as e:
-        _fail(_last_line(e))
-    typer.echo(f"wrote {out}/vtab_results.json, .csv and .png")
+    with _one_line_errors():
+        cfg = VtabEvalConfig(**values, device=resolve_device(device, values.get("tf32", False)))
+        run_eval_vtab(cfg)
+    typer.echo(f"wrote {cfg.out}/vtab_results.json, .csv and .png")
+
+
+@app.command()
+def plot(runs: list[Path] = typer.Argument(..., help="Run folders of lite-train train or pretrain."),
+         out: Path = typer.Option(Path("curves.png"), help="PNG to write.")) -> None:
+    """Draw the training curves of one or several runs (overlaid): loss and accuracy, smoothed, with the
+    validation points."""
+    from lite_train.train.curves import plot_runs
+
+    with _one_line_errors():
+        plot_runs(runs, out)
+    typer.echo(f"wrote {out}")
+
+
+class _one_line_errors:
+    """Context manager: a ValueError (ManifestError included) or OSError becomes `error: <one line>`, exit 1."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, tb):
+        if isinstance(error, ValueError):
+            text = _last_line(error)
+        elif isinstance(error, OSError):
+            from lite_train.files import write_error
+
+            text = str(write_error(Path(error.filename), error)) if error.filename else str(error)
+        else:
+            return False
+        typer.echo(f"error: {text}", err=True)
+        raise typer.Exit(1)
 
 
 def _last_line(e: Exception) -> str:

@@ -60,7 +60,7 @@ def check_test_path(ref_dir: Path, dtype: torch.dtype, suffix: str, logit_tol: f
         compare(f"{tag} film[{i}].beta", b, ref["film"][i]["beta"], tol)
     compare(f"{tag} support_features", details["support_features"], ref["support_features"], tol)
     compare(f"{tag} class_means", details["stats"].means, ref["class_means"], tol)
-    compare(f"{tag} precision_diag", torch.diagonal(details["stats"].precisions, dim1=1, dim2=2),
+    compare(f"{tag} precision_diag", torch.diagonal(details["stats"].precision_matrices(), dim1=1, dim2=2),
             ref["precision_diag"], tol)
     compare(f"{tag} query_features", details["query_features"], ref["query_features"], tol)
 

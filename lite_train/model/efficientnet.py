@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -103,8 +104,10 @@ def swish(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(x)
 
 
-def film(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-    """x (n, C, H, W) <- gamma[C]·x + beta[C]."""
+def film(x: torch.Tensor, gamma: torch.Tensor | None, beta: torch.Tensor | None) -> torch.Tensor:
+    """x (n, C, H, W) <- gamma[C]·x + beta[C]; None, None = no FiLM (the same values as gamma 1, beta 0)."""
+    if gamma is None:
+        return x
     return gamma[None, :, None, None] * x + beta[None, :, None, None]
 
 
@@ -126,7 +129,7 @@ class FilmMBConvBlock(nn.Module):
         self._project_conv = SameConv2d(exp, spec.out_channels, 1, 1, math.ceil(in_size / spec.stride))
         self._bn2 = _bn(spec.out_channels)
 
-    def forward(self, inputs: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    def forward(self, inputs: torch.Tensor, gamma: torch.Tensor | None, beta: torch.Tensor | None) -> torch.Tensor:
         x = inputs  # (n, in, H, W)
         if self.spec.expand_ratio != 1:
             x = swish(self._bn0(self._expand_conv(x)))  # (n, exp, H, W)
@@ -183,8 +186,12 @@ class FilmEfficientNet(nn.Module):
                     if m.bias is not None:
                         m.bias.zero_()
 
-    def forward(self, images: torch.Tensor, film_params: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        if len(film_params) != len(FILM_CHANNELS):
+    def forward(self, images: torch.Tensor,
+                film_params: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
+        """(n, 3, S, S) -> (n, 1280); `film_params` None = the plain EfficientNet-B0 (no FiLM)."""
+        if film_params is None:
+            film_params = [(None, None)] * len(FILM_CHANNELS)
+        elif len(film_params) != len(FILM_CHANNELS):
             raise ValueError(f"expected {len(FILM_CHANNELS)} FiLM (gamma, beta) pairs, got {len(film_params)}")
         x = swish(film(self._bn0(self._conv_stem(images)), *film_params[0]))  # (n, 32, S/2, S/2)
         for block, (gamma, beta) in zip(self._blocks, film_params[1:-1]):
@@ -193,19 +200,24 @@ class FilmEfficientNet(nn.Module):
         return F.adaptive_avg_pool2d(x, 1).flatten(1)  # (n, 1280)
 
 
-def calibrate_batch_norm(backbone: FilmEfficientNet, images: torch.Tensor) -> None:
-    """Sets every BN's running statistics to the batch statistics of `images` (n, 3, S, S) under identity
-    FiLM, in one forward pass in training mode (each BN normalises with, and stores, its batch statistics).
-    Only for a random backbone: its initial running statistics (mean 0, var 1) do not fit its activations,
-    and in eval mode its features then hardly depend on the image. Never for pretrained weights."""
+def calibrate_batch_norm(backbone: FilmEfficientNet, images: torch.Tensor | Sequence[torch.Tensor]) -> None:
+    """Sets every BN's running statistics to the mean of its batch statistics over `images`: one batch
+    (n, 3, S, S) or several, each a forward pass in training mode without FiLM (each BN normalises with its
+    batch statistics and averages them: momentum None is PyTorch's cumulative average).
+
+    For a random backbone, whose initial running statistics (mean 0, var 1) do not fit its activations (in
+    eval mode its features then hardly depend on the image), and at the end of pretraining, where the
+    running averages lag the last weights. Never for weights someone else trained."""
+    batches = [images] if isinstance(images, torch.Tensor) else list(images)
     bns = [m for m in backbone.modules() if isinstance(m, nn.BatchNorm2d)]
     momenta = [bn.momentum for bn in bns]
     with torch.no_grad():
         for bn in bns:
             bn.reset_running_stats()
-            bn.momentum = None  # cumulative average: after one batch, exactly its statistics
+            bn.momentum = None  # cumulative average: after k batches, exactly the mean of their statistics
         backbone.train()
-        backbone(images, identity_film(images.dtype, images.device))
+        for batch in batches:
+            backbone(batch)
     for bn, momentum in zip(bns, momenta):
         bn.momentum = momentum
     backbone.eval()

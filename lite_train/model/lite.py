@@ -21,7 +21,7 @@ from torch import nn
 
 from lite_train.model.efficientnet import PADDING_IMAGE_SIZE, FilmEfficientNet
 from lite_train.model.film import FilmAdapter
-from lite_train.model.heads import HEADS, ClassStats, make_head
+from lite_train.model.heads import HEADS, SOLVERS, ClassStats, make_head
 from lite_train.model.set_encoder import SetEncoder
 
 FilmParams = list[tuple[torch.Tensor, torch.Tensor]]
@@ -43,12 +43,17 @@ class ModelConfig:
     set_encoder_size1_chunk_quirk: bool = True
     # Input size the static "same" paddings are computed for; the reference always uses 224.
     padding_image_size: int = PADDING_IMAGE_SIZE
+    # How Simple CNAPs applies its class precisions (heads.SOLVERS): "cholesky" = low-rank Cholesky in float64
+    # (the same numbers, far fewer operations); "inverse" = the reference's explicit float32 inverse.
+    simple_cnaps_solver: str = "cholesky"
 
     def __post_init__(self):
         if self.classifier not in HEADS:
             raise ValueError(f"unknown classifier {self.classifier!r}; known: {sorted(HEADS)}")
         if self.padding_image_size < 1:
             raise ValueError(f"padding_image_size must be positive, got {self.padding_image_size}")
+        if self.simple_cnaps_solver not in SOLVERS:
+            raise ValueError(f"unknown simple_cnaps_solver {self.simple_cnaps_solver!r}; known: {SOLVERS}")
 
 
 def _check_chunk_size(chunk_size: int) -> None:
@@ -110,8 +115,21 @@ class LiteModel(nn.Module):
         self.set_encoder = SetEncoder()
         self.feature_extractor = FilmEfficientNet(config.padding_image_size)
         self.feature_adaptation_network = FilmAdapter()
-        self.classifier = make_head(config.classifier, config.one_shot_covariance_quirk)
+        self.classifier = make_head(config.classifier, config.one_shot_covariance_quirk, config.simple_cnaps_solver)
         self.feature_extractor.eval()
+        # Set by `use_identity_film`: the test path runs the plain backbone (FiLM gamma 1, beta 0 everywhere).
+        self.identity_film = False
+
+    def use_identity_film(self) -> "LiteModel":
+        """Zero every FiLM regulariser, so gamma = 1 and beta = 0 at every site whatever the task (reference
+        §1.4: gamma = 1 + g(z)·r_gamma, beta = b(z)·r_beta), and let the test path skip the set encoder and the
+        FiLM ops, which then change nothing: the same backbone, not adapted, and its numbers."""
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if "_regularizers." in name:
+                    p.zero_()
+        self.identity_film = True
+        return self
 
     def train(self, mode: bool = True) -> LiteModel:
         """Sets the mode, but the backbone stays in eval mode (frozen BN statistics) whatever `mode` is, and
@@ -141,7 +159,7 @@ class LiteModel(nn.Module):
         return torch.cat([self.features(images[a:b], film) for a, b in query_chunks(images.shape[0], chunk_size)])
 
     def fit_classifier(self, features: torch.Tensor, labels: torch.Tensor) -> ClassStats:
-        # Outside autocast: the explicit inverse needs full precision (bf16 has none, and LITE runs float32).
+        # Outside autocast: the covariances need full precision (bf16 has none, and LITE runs float32).
         with torch.autocast(features.device.type, enabled=False):
             return self.classifier.fit(features.to(self._dtype()), labels)
 
@@ -171,13 +189,16 @@ class LiteModel(nn.Module):
     def predict_details(self, support_images: torch.Tensor, support_labels: torch.Tensor,
                         query_images: torch.Tensor, chunk_size: int = REFERENCE_CHUNK_SIZE) -> dict:
         """The reference's test path, returning its intermediates: `support_embeddings` (N or N + 1, 64),
-        `task_embedding` (1, 64), `film`, `support_features` (N, 1280), `stats` (ClassStats),
-        `query_features` (M, 1280), `logits` (M, K). Runs without gradients."""
+        `task_embedding` (1, 64), `film` (all three None with `identity_film`), `support_features` (N, 1280),
+        `stats` (ClassStats), `query_features` (M, 1280), `logits` (M, K). Runs without gradients."""
         _check_task(support_images, support_labels, query_images)
         with torch.no_grad():
-            embeddings = self.set_encoder_embeddings(support_images, chunk_size)  # (N[+1], 64)
-            z = embeddings.mean(dim=0, keepdim=True)  # (1, 64)
-            film = self.film_params(z)
+            if self.identity_film:  # FiLM is the identity whatever z is: no set encoder, no FiLM op (same values)
+                embeddings = z = film = None
+            else:
+                embeddings = self.set_encoder_embeddings(support_images, chunk_size)  # (N[+1], 64)
+                z = embeddings.mean(dim=0, keepdim=True)  # (1, 64)
+                film = self.film_params(z)
             support_features = self.features_by_chunks(support_images, film, chunk_size)  # (N, 1280)
             stats = self.fit_classifier(support_features, support_labels)
             query_features = self.features_by_chunks(query_images, film, chunk_size)  # (M, 1280)

@@ -11,81 +11,64 @@ A checkpoint is a dict of tensors and plain Python values only (so `weights_only
     best_validation   {source: {"accuracy", "confidence", "n"}} of the best validation so far ({} = none)
     rng               {"torch": CPU generator state, "cuda": [per-device states]}
     loader            EpisodeLoader.state_dict(): data config, next episode index, source fingerprints
-    metrics_rows      rows already in metrics.csv (a resumed run truncates rows written after the checkpoint)
+    rows              {"metrics": n, "validation": m}: rows already in metrics.csv / validation.csv (a resumed
+                      run truncates rows written after the checkpoint)
+    model_meta        what the model files of the run carry (lite_train.model.model_file)
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from lite_train.files import atomic_write
+from lite_train.model.model_file import CHECKPOINT_FORMAT, with_metadata
+
 CHECKPOINT = "checkpoint.pt"
-FORMAT = 1  # bumped when the layout above changes
+FORMAT = CHECKPOINT_FORMAT  # bumped when the layout above changes (2: "rows", "model_meta")
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    """Write `state` to `path` atomically: temp file in the same folder, fsync, rename, fsync the folder."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save({"format": FORMAT, **state}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """Write `state` to `path` atomically: temp file in the same folder, fsync, rename, fsync the folder.
+
+    Raises:
+        ValueError: one line naming the file ("no space left on device: <path>"); the old file stays.
+    """
+    atomic_write(path, lambda f: torch.save({"format": FORMAT, **state}, f), fsync=True)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint written by `save_checkpoint` onto the CPU.
 
     Raises:
-        ValueError: the file is missing, unreadable, or not a lite-train checkpoint (message names it).
+        ValueError: the file is missing, empty, unreadable, or not a lite-train checkpoint of this format
+            (one line naming it).
     """
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: no such checkpoint")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path}: empty file, not a checkpoint (a write was interrupted?); remove it to start "
+                         "the run over, or restore it")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several unrelated types for corrupt or foreign files
-        raise ValueError(f"{path}: cannot be read as a checkpoint: {str(e).splitlines()[0]}") from None
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"{path}: cannot be read as a checkpoint ({reason})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a lite-train checkpoint (format {FORMAT} expected)")
+        found = state.get("format") if isinstance(state, dict) else None
+        raise ValueError(f"{path}: not a lite-train checkpoint of format {FORMAT}"
+                         + (f" (format {found}: written by another version)" if found is not None else ""))
     return state
 
 
-def model_state_from_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """The model state dict in a file: a lite-train checkpoint, or a plain state dict (LITE's releases,
-    our `fully_trained.pt` / `best_validation.pt`)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: no such file")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path}: cannot be read as a model file: {str(e).splitlines()[0]}") from None
-    if isinstance(state, dict) and state.get("format") == FORMAT and "model" in state:
-        return state["model"]
-    if isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values()):
-        return state
-    raise ValueError(f"{path}: neither a lite-train checkpoint nor a state dict of tensors")
-
-
-def save_state_dict(path: str | Path, state_dict: dict[str, torch.Tensor]) -> None:
-    """A plain state dict (fully_trained.pt, best_validation.pt), written atomically."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state_dict, f)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+def save_model_file(path: str | Path, state_dict: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """A plain state dict as LITE writes its models (fully_trained.pt, best_validation.pt), carrying `meta`
+    where `load_state_dict` does not look (lite_train.model.model_file.with_metadata), written atomically."""
+    state = with_metadata({k: v.detach().cpu() for k, v in state_dict.items()}, meta)
+    atomic_write(path, lambda f: torch.save(state, f), fsync=True)
 
 
 def rng_state() -> dict[str, Any]:

@@ -29,6 +29,12 @@ def summarise(accuracies: Sequence[float]) -> SourceResult:
     return SourceResult(float(acc.mean() * 100), float(1.96 * acc.std() * 100 / math.sqrt(len(acc))), len(acc))
 
 
+def paired_difference(a: Sequence[float], b: Sequence[float]) -> SourceResult:
+    """b - a over the same episodes, in points: mean and 1.96·std/√n of the per-episode differences (the
+    interval of the gain itself, narrower than the two models' intervals when their episodes co-vary)."""
+    return summarise(np.asarray(b, np.float64) - np.asarray(a, np.float64))
+
+
 def episode_accuracy(model, episode, device: torch.device, chunk_size: int,
                      autocast_bf16: bool = False) -> float:
     """Query accuracy of `model.predict` on one episode (labels 0..ways-1 = predict's column order)."""
@@ -40,29 +46,40 @@ def episode_accuracy(model, episode, device: torch.device, chunk_size: int,
     return float((logits.argmax(dim=1).cpu() == episode["query_labels"]).double().mean())
 
 
-def evaluate(model, data: str, sources: Sequence[str], split: str, episodes: int, seed: int, image_size: int,
-             device: torch.device, *, chunk_size: int = 40, num_workers: int = 2, autocast_bf16: bool = False,
-             view: str = "md-v2",
-             description: EpisodeDescriptionConfig = EpisodeDescriptionConfig(),
-             on_episode: Callable[[str], None] | None = None) -> dict[str, SourceResult]:
-    """Accuracy of `model` on `episodes` seeded episodes of each source's `split`.
-
-    Episode i of a source depends only on (seed, source, i), so the same seed gives the same numbers.
-    `on_episode(source)` is called after each episode (progress display).
-    """
-    results = {}
+def episode_accuracies(models: dict[str, torch.nn.Module], data: str, sources: Sequence[str], split: str,
+                       episodes: int, seed: int, image_size: int, device: torch.device, *, chunk_size: int = 40,
+                       num_workers: int = 2, autocast_bf16: bool = False, view: str = "md-v2",
+                       description: EpisodeDescriptionConfig = EpisodeDescriptionConfig(),
+                       on_episode: Callable[[str, dict[str, float]], None] | None = None
+                       ) -> dict[str, dict[str, list[float]]]:
+    """{model label: {source: [accuracy in [0, 1] of episode 0, 1, ...]}}: every model on the same seeded
+    episodes, each episode decoded once. Episode i of a source depends only on (seed, source, i), so the same
+    seed gives the same numbers. `on_episode(source, {label: accuracy})` is called after each episode."""
+    out: dict[str, dict[str, list[float]]] = {label: {} for label in models}
     for source in sources:
         cfg = EpisodeLoaderConfig(data=data, sources=(source,), split=split, seed=seed, image_size=image_size,
                                   view=view, num_episodes=episodes, num_workers=num_workers,
                                   pin_memory=device.type == "cuda")
-        accuracies = []
+        for label in models:
+            out[label][source] = []
         with make_episode_loader(cfg, description) as loader:
             for episode in loader:
-                accuracies.append(episode_accuracy(model, episode, device, chunk_size, autocast_bf16))
+                scores = {label: episode_accuracy(model, episode, device, chunk_size, autocast_bf16)
+                          for label, model in models.items()}
+                for label, accuracy in scores.items():
+                    out[label][source].append(accuracy)
                 if on_episode is not None:
-                    on_episode(source)
-        results[source] = summarise(accuracies)
-    return results
+                    on_episode(source, scores)
+    return out
+
+
+def evaluate(models: dict[str, torch.nn.Module], data: str, sources: Sequence[str], split: str, episodes: int,
+             seed: int, image_size: int, device: torch.device, **kwargs) -> dict[str, dict[str, SourceResult]]:
+    """{model label: {source: SourceResult}} over `episodes` seeded episodes per source (`episode_accuracies`,
+    whose keyword arguments it takes)."""
+    accuracies = episode_accuracies(models, data, sources, split, episodes, seed, image_size, device, **kwargs)
+    return {label: {source: summarise(values) for source, values in per.items()}
+            for label, per in accuracies.items()}
 
 
 def better_on_half(new: dict[str, SourceResult], best: dict[str, SourceResult]) -> bool:

@@ -1,4 +1,5 @@
-"""Training curves out: `metrics.csv` (one row per task), `validation.csv`, and TensorBoard event files.
+"""Training curves out: `metrics.csv` (one row per task or batch), `validation.csv`, and TensorBoard event
+files; `RunLogs` keeps the three of one run together and knows how many rows a checkpoint covers.
 
 The event files are written here, not through `torch.utils.tensorboard`, because that writer imports
 TensorFlow when it is installed (and lite_train must never import TensorFlow). The format is small: a
@@ -23,6 +24,8 @@ METRICS_FILE = "metrics.csv"
 VALIDATION_FILE = "validation.csv"
 METRICS_COLUMNS = ("task", "source", "ways", "support", "query", "loss", "accuracy")
 VALIDATION_COLUMNS = ("task", "source", "accuracy", "confidence", "episodes", "new_best")
+PRETRAIN_METRICS_COLUMNS = ("batch", "epoch", "loss", "accuracy", "learning_rate")
+PRETRAIN_VALIDATION_COLUMNS = ("batch", "epoch", "accuracy", "loss", "images", "bn_statistics")
 
 
 class CsvLog:
@@ -33,8 +36,10 @@ class CsvLog:
         if keep_rows is None or not path.exists():
             with open(path, "w", newline="") as f:
                 csv.writer(f).writerow(self.columns)
+            self.rows = 0
         else:
             self._truncate(keep_rows)
+            self.rows = keep_rows  # data rows in the file
         self._file = open(path, "a", newline="")
         self._writer = csv.writer(self._file)
 
@@ -52,6 +57,7 @@ class CsvLog:
 
     def write(self, row: Sequence) -> None:
         self._writer.writerow(row)
+        self.rows += 1
 
     def flush(self) -> None:
         self._file.flush()
@@ -136,3 +142,42 @@ class EventWriter:
 
     def close(self) -> None:
         self._file.close()
+
+
+class RunLogs:
+    """metrics.csv, validation.csv and TensorBoard scalars of one run (the process that writes, rank 0).
+
+    resume_rows: {"metrics": n, "validation": m} from the checkpoint a run resumes from: rows written after
+    it are cut off, and TensorBoard is told to drop the events from `purge_step` on.
+    """
+
+    def __init__(self, out: Path, metrics_columns: Sequence[str], validation_columns: Sequence[str],
+                 resume_rows: dict[str, int] | None = None, purge_step: int | None = None):
+        keep = resume_rows or {}
+        self.metrics = CsvLog(out / METRICS_FILE, metrics_columns, keep_rows=keep.get("metrics"))
+        self.validation = CsvLog(out / VALIDATION_FILE, validation_columns, keep_rows=keep.get("validation"))
+        self.events = EventWriter(out, purge_step=purge_step if resume_rows is not None else None)
+
+    def metric(self, row: Sequence, step: int, scalars: dict[str, float]) -> None:
+        self.metrics.write(row)
+        for tag, value in scalars.items():
+            self.events.scalar(tag, value, step)
+
+    def validate(self, row: Sequence, step: int, scalars: dict[str, float]) -> None:
+        self.validation.write(row)
+        for tag, value in scalars.items():
+            self.events.scalar(tag, value, step)
+
+    def rows(self) -> dict[str, int]:
+        """Rows written so far (what a checkpoint taken now covers)."""
+        return {"metrics": self.metrics.rows, "validation": self.validation.rows}
+
+    def flush(self) -> None:
+        self.metrics.flush()
+        self.validation.flush()
+        self.events.flush()
+
+    def close(self) -> None:
+        self.metrics.close()
+        self.validation.close()
+        self.events.close()

@@ -3,12 +3,16 @@
 
 Images are decoded and resized exactly as in training (`lite_train.data.decode`: TF-equal JPEG/PNG decode,
 corner-aligned bilinear resize, [-1, 1]); other formats Pillow can open (BMP, GIF, WebP, TIFF, ...) are
-converted to RGB by Pillow first, then resized the same way.
+converted to RGB by Pillow first, then resized the same way. Images of 2**29 decoded bytes or more are
+refused, as TensorFlow refuses them (a 14000 x 14000 photo; also what guards against decompression bombs).
+Every entry of the folders is accounted for: hidden files (dot files) are skipped and counted; a
+sub-folder, a broken link or an unreadable file among the images is an error naming it.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 from pathlib import Path
 
@@ -16,11 +20,53 @@ import numpy as np
 import torch
 
 from lite_train.data.decode import decode_rgb, resize_into
+from lite_train.files import atomic_write
+from lite_train.options import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, check_bounds, option
+from lite_train.runtime import THREADS_HELP
+
+MAX_DECODED_BYTES = 2 ** 29  # TF's decode_image limit, as manifests.decode.decode_rgb enforces it
+
+
+@dataclasses.dataclass(frozen=True)
+class PredictConfig:
+    """`lite-train predict` settings (the CLI options are these fields)."""
+
+    checkpoint: str = option(..., "A model file (checkpoint.pt, fully_trained.pt, a LITE .pt, or backbone "
+                                  "weights: identity FiLM).")
+    support: str = option(..., "Folder with one sub-folder of images per class.")
+    query: str = option(..., "Folder of images to classify.")
+    out: str = option("predictions.csv", "CSV: file, predicted class, score per class.")
+    overwrite: bool = option(False, "Replace --out if it exists (otherwise an existing file is an error).")
+    image_size: int | None = option(None, "Image side [default: the size the model was trained at; 224 for "
+                                          "files that do not say].", min=MIN_IMAGE_SIZE, max=MAX_IMAGE_SIZE)
+    chunk_size: int = option(40, "Images per no-grad pass.", min=2)
+    device: str = option("cpu", "Resolved torch device.", cli=False)
+    tf32: bool = option(False, "CUDA: TF32 float32 convolutions/matmuls (docs/fidelity.md M10).")
+    threads: int = option(0, THREADS_HELP, min=0)
+
+    def __post_init__(self):
+        check_bounds(self)
+
+    def check_output(self) -> None:
+        """Before any work: --out must be a file name whose folder can hold it, and new unless --overwrite."""
+        out = Path(self.out)
+        if out.is_dir():
+            raise ValueError(f"--out {out}: is a folder; give a file name, e.g. {out / 'predictions.csv'}")
+        if out.exists() and not self.overwrite:
+            raise ValueError(f"--out {out}: exists; pass --overwrite to replace it, or choose another name")
+        parent = out.parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not parent.is_dir():
+            raise ValueError(f"--out {out}: {parent} is not a folder")
 
 
 def load_image(path: Path, image_size: int) -> torch.Tensor:
     """(3, S, S) float32 in [-1, 1]. Raises ValueError naming the file if it is not a readable image."""
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ValueError(f"{path}: cannot be read ({e.strerror or e})") from None
     try:
         rgb = decode_rgb(data)  # (H, W, 3) uint8
     except ValueError as first:
@@ -28,8 +74,12 @@ def load_image(path: Path, image_size: int) -> torch.Tensor:
 
         try:
             with Image.open(io.BytesIO(data)) as img:
+                w, h = img.size
+                if w * h * 3 >= MAX_DECODED_BYTES:
+                    raise ValueError(f"{path}: {w} x {h} pixels, too large to decode (TensorFlow's limit: "
+                                     f"{MAX_DECODED_BYTES} bytes of RGB); resize it first")
                 rgb = np.asarray(img.convert("RGB"))
-        except (UnidentifiedImageError, OSError):
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
             raise ValueError(f"{path}: not a readable image ({first})") from None
     out = torch.empty(3, image_size, image_size)
     resize_into(rgb, out, image_size)
@@ -37,10 +87,24 @@ def load_image(path: Path, image_size: int) -> torch.Tensor:
 
 
 def _image_files(folder: Path) -> tuple[list[Path], int]:
-    """Visible regular files of `folder`, sorted; and how many hidden entries (dot files) were skipped."""
+    """Visible regular files of `folder`, sorted, and how many hidden entries (dot files) were skipped.
+
+    Raises:
+        ValueError: a visible entry that is not a readable file (a sub-folder, a broken link, a FIFO).
+    """
     entries = sorted(folder.iterdir())
     hidden = sum(1 for p in entries if p.name.startswith("."))
-    return [p for p in entries if not p.name.startswith(".") and p.is_file()], hidden
+    files = []
+    for p in entries:
+        if p.name.startswith("."):
+            continue
+        if p.is_symlink() and not p.exists():
+            raise ValueError(f"{p}: a broken link")
+        if not p.is_file():
+            raise ValueError(f"{p}: not an image file ({'a folder' if p.is_dir() else 'not a regular file'}); "
+                             f"{folder} must hold only images")
+        files.append(p)
+    return files, hidden
 
 
 def read_support(folder: Path, image_size: int) -> tuple[list[str], torch.Tensor, torch.Tensor, int]:
@@ -89,13 +153,12 @@ def predict_folders(model: torch.nn.Module, support_dir: Path, query_dir: Path, 
 def write_predictions(path: Path, names: list[str], files: list[Path], scores: torch.Tensor) -> None:
     """CSV: file, predicted, then one score column per class (softmax of the logits), written atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["file", "predicted", *names])
-        for file, row in zip(files, scores.tolist()):
-            writer.writerow([file.name, names[int(np.argmax(row))], *(f"{v:.6f}" for v in row)])
-    tmp.replace(path)
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(["file", "predicted", *names])
+    for file, row in zip(files, scores.tolist()):
+        writer.writerow([file.name, names[int(np.argmax(row))], *(f"{v:.6f}" for v in row)])
+    atomic_write(path, text.getvalue())
 
 
 def print_predictions(names: list[str], files: list[Path], scores: torch.Tensor) -> None:

@@ -17,7 +17,8 @@ With h = N and one query chunk, `lite` and `no_lite` give the same gradients (te
 
 from __future__ import annotations
 
-from typing import Sequence
+import dataclasses
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -171,3 +172,34 @@ def no_lite_backward(model: LiteModel, support_images: torch.Tensor, support_lab
         logits = model(support_images, support_labels, query_images)  # (M, K)
         _chunk_loss(model, logits, torch.unique(support_labels), query_labels, tasks_per_step, totals)
     return _summary(totals)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingTask:
+    """One training task as the steps take it: images on the model's device, in the task's random order."""
+
+    support_images: torch.Tensor  # (N, 3, S, S)
+    support_labels: torch.Tensor  # (N,) int64
+    query_images: torch.Tensor  # (M, 3, S, S)
+    query_labels: torch.Tensor  # (M,) int64
+    generator: torch.Generator  # CPU generator of this task (LITE subsets)
+
+
+def _lite(model, task: TrainingTask, cfg) -> dict:
+    return lite_task_backward(model, task.support_images, task.support_labels, task.query_images, task.query_labels,
+                              h=cfg.h, chunk_size=cfg.chunk_size, tasks_per_step=cfg.tasks_per_step,
+                              generator=task.generator, lite_scale=cfg.lite_scale)
+
+
+def _small_task(model, task: TrainingTask, cfg) -> dict:
+    return small_task_backward(model, task.support_images, task.support_labels, task.query_images,
+                               task.query_labels, chunk_size=cfg.chunk_size, tasks_per_step=cfg.tasks_per_step)
+
+
+def _no_lite(model, task: TrainingTask, cfg) -> dict:
+    return no_lite_backward(model, task.support_images, task.support_labels, task.query_images, task.query_labels,
+                            tasks_per_step=cfg.tasks_per_step)
+
+
+# --train-method -> step(model, task, cfg with h, chunk_size, tasks_per_step, lite_scale); filled explicitly.
+STEPS: dict[str, Callable[..., dict]] = {"lite": _lite, "small_task": _small_task, "no_lite": _no_lite}

@@ -1,8 +1,8 @@
 """VTAB evaluation (`lite-train eval-vtab`): converted VTAB tasks + a LITE model in, per-task accuracies and
 the natural / specialized / structured / overall means out (table, JSON, CSV, PNG)."""
 
-from lite_train.vtab.evaluate import (GROUPS, TaskResult, VtabEvalConfig, evaluate_task, find_tasks, run_eval_vtab,
-                                      scored_query_count)
+from lite_train.vtab.config import GROUPS, TaskResult, VtabEvalConfig
+from lite_train.vtab.evaluate import evaluate_task, find_tasks, run_eval_vtab, scored_query_count
 from lite_train.vtab.report import group_means, read_task_result, write_report
 
 __all__ = [

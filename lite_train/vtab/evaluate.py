@@ -26,52 +26,13 @@ from typing import Callable, Sequence
 import torch
 
 from lite_train.data.ordered import OrderedLoaderConfig, OrderedTask, open_ordered_task, query_batches, read_support
+from lite_train.model.model_file import read_model_file
+from lite_train.progress import Progress
+from lite_train.runtime import torch_threads
+from lite_train.vtab.config import GROUPS, TaskResult, VtabEvalConfig
+from lite_train.vtab.report import print_table, read_task_result, task_result_path, write_report, write_task_result
 from manifests import schema
 from manifests.reader import ManifestError, find_sources
-
-GROUPS = ("natural", "specialized", "structured")  # VTAB's task groups (source.json extra["group"])
-
-
-@dataclasses.dataclass(frozen=True)
-class VtabEvalConfig:
-    """`lite-train eval-vtab` settings; one field per CLI flag."""
-
-    data: str  # root of converted sources; tasks are the ordered sources under it
-    checkpoint: str  # model file: lite-train checkpoint or plain state dict (LITE's releases)
-    out: str = "vtab-results"  # folder for the results (and per-task results, for --resume)
-    tasks: tuple[str, ...] = ()  # task ids (source names); empty = every ordered source under `data`
-    protocol: str | None = None  # only sources converted with this protocol (source.json tfds.protocol)
-    image_size: int = 224
-    chunk_size: int = 40  # images per no-grad pass: set encoder, support features, query batch
-    preprocess: str = "md"  # "md" (TF1 bilinear) | "lite" (LITE's PIL LANCZOS); lite_train.data.ordered
-    num_workers: int = 2  # decode workers
-    device: str = "cpu"
-    resume: bool = False  # keep the tasks already scored in `out` (same settings) and score the rest
-    label_misalignment_quirk: bool = False  # argmax column taken as the label (the reference; module doc)
-    drop_last_query_quirk: bool = False  # skip the last query example when M mod chunk_size == 1 (the reference)
-
-    def __post_init__(self):
-        OrderedLoaderConfig(image_size=self.image_size, batch_size=self.chunk_size, preprocess=self.preprocess,
-                            num_workers=self.num_workers)  # validates those fields
-        if self.chunk_size < 2:
-            raise ValueError(f"chunk_size must be at least 2, got {self.chunk_size}")
-
-
-@dataclasses.dataclass(frozen=True)
-class TaskResult:
-    """One task's score (a row of the output table)."""
-
-    task: str  # task id (source name)
-    group: str  # natural | specialized | structured
-    accuracy: float  # % of scored query examples whose predicted label equals their label
-    correct: int
-    scored: int  # query examples scored
-    query_size: int  # query examples in the source
-    support_size: int
-    missing_classes: tuple[int, ...]  # label ids with no support example (never predicted when aligned)
-    seconds: float  # wall time of the task (read, embed, score)
-    images_per_s: float  # (support + scored query images) / seconds
-
 
 def scored_query_count(query_size: int, chunk_size: int, drop_last_query_quirk: bool) -> int:
     """How many query examples are scored: all, or with the quirk one fewer when query_size mod chunk_size is
@@ -121,10 +82,11 @@ def find_tasks(data: str | Path, tasks: Sequence[str] = (), protocol: str | None
 
 
 def evaluate_task(model: torch.nn.Module, task: OrderedTask, cfg: VtabEvalConfig, device: torch.device,
-                  on_images: Callable[[int], None] = lambda n: None) -> TaskResult:
-    """Score every query example of `task` (module docstring); `on_images(n)` after each n images read."""
+                  image_size: int, on_images: Callable[..., None] = lambda n, **metrics: None) -> TaskResult:
+    """Score every query example of `task` (module docstring) at `image_size`; `on_images(n, acc=...)` after
+    each n images read (acc: the running query accuracy)."""
     start = time.perf_counter()
-    loader_cfg = OrderedLoaderConfig(image_size=cfg.image_size, batch_size=cfg.chunk_size,
+    loader_cfg = OrderedLoaderConfig(image_size=image_size, batch_size=cfg.chunk_size,
                                      preprocess=cfg.preprocess, num_workers=cfg.num_workers)
     group = task_group(task)
     support_images, support_labels = read_support(task, loader_cfg)  # (N, 3, S, S), (N,)
@@ -148,7 +110,7 @@ def evaluate_task(model: torch.nn.Module, task: OrderedTask, cfg: VtabEvalConfig
             predicted = column if cfg.label_misalignment_quirk else column_label[column]  # (b,) label ids
             correct += int((predicted == batch["labels"]).sum())
             scored += len(column)
-            on_images(len(column))
+            on_images(len(column), acc=correct / scored)
     if scored != count:
         raise RuntimeError(f"{task.reader.path}: scored {scored} query examples, expected {count}")
     seconds = time.perf_counter() - start
@@ -158,11 +120,11 @@ def evaluate_task(model: torch.nn.Module, task: OrderedTask, cfg: VtabEvalConfig
                       images_per_s=(len(support_labels) + scored) / max(seconds, 1e-9))
 
 
-def scoring_settings(cfg: VtabEvalConfig, task_path: Path) -> dict:
+def scoring_settings(cfg: VtabEvalConfig, task_path: Path, image_size: int) -> dict:
     """What a task's score depends on; a resumed run keeps a stored result only if these are equal."""
     return {"checkpoint_sha256": _sha256(Path(cfg.checkpoint)),
             "source_sha256": _sha256(task_path / schema.SOURCE_FILE),
-            "image_size": cfg.image_size, "chunk_size": cfg.chunk_size, "preprocess": cfg.preprocess,
+            "image_size": image_size, "chunk_size": cfg.chunk_size, "preprocess": cfg.preprocess,
             "label_misalignment_quirk": cfg.label_misalignment_quirk,
             "drop_last_query_quirk": cfg.drop_last_query_quirk}
 
@@ -175,43 +137,54 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def run_eval_vtab(cfg: VtabEvalConfig, *, progress: bool = True, model: torch.nn.Module | None = None
+def run_eval_vtab(cfg: VtabEvalConfig, *, progress: bool | None = None, model: torch.nn.Module | None = None
                   ) -> list[TaskResult]:
     """Evaluate every task of `cfg` (skipping, with `resume`, those already scored in `cfg.out` under the same
     settings), then print the table and write JSON, CSV and PNG (`report.write_report`). `model`: an
-    already loaded model instead of loading `cfg.checkpoint` (whose hash still keys the stored results)."""
-    from lite_train.vtab.report import ProgressBars, print_table, read_task_result, task_result_path, \
-        write_report, write_task_result
+    already loaded model instead of building `cfg.checkpoint`'s (which is read all the same: its hash keys the
+    stored results, its image size is the default).
 
-    out = Path(cfg.out)
-    paths = find_tasks(cfg.data, cfg.tasks, cfg.protocol)
-    settings = {p.name: scoring_settings(cfg, p) for p in paths}
-    stored = {}
-    for path in paths:
-        result_path = task_result_path(out, path.name)
-        if result_path.exists():
-            if not cfg.resume:
-                raise ValueError(f"{result_path}: a task result of an earlier run; pass --resume to keep it and "
-                                 "score the rest, or choose another --out")
-            stored[path.name] = read_task_result(result_path, settings[path.name])
-    device = torch.device(cfg.device)
-    if model is None and len(stored) < len(paths):
-        from lite_train.train.testing import load_model  # torch.load(weights_only=True, map_location="cpu")
-
-        model = load_model(cfg.checkpoint, device)
-    results = []
-    with ProgressBars(progress) as bars:
+    Raises:
+        ValueError: no VTAB task under `cfg.data`, an unreadable model file, a stored result of other settings.
+    """
+    with torch_threads(cfg.threads, cfg.num_workers):
+        out = Path(cfg.out)
+        paths = find_tasks(cfg.data, cfg.tasks, cfg.protocol)
+        if not paths:
+            raise ValueError(f"{cfg.data}: no converted VTAB task (ordered source"
+                             + (f" of protocol {cfg.protocol}" if cfg.protocol else "")
+                             + ") under it; convert some with lite-convert vtab --out")
+        model_file = read_model_file(cfg.checkpoint)
+        image_size, note = model_file.image_size(cfg.image_size)
+        status = Progress("eval-vtab", 0, "images", live=False)
+        if note:
+            status.status(note)
+        settings = {p.name: scoring_settings(cfg, p, image_size) for p in paths}
+        stored = {}
+        for path in paths:
+            result_path = task_result_path(out, path.name)
+            if result_path.exists():
+                if not cfg.resume:
+                    raise ValueError(f"{result_path}: a task result of an earlier run; pass --resume to keep it "
+                                     "and score the rest, or choose another --out")
+                stored[path.name] = read_task_result(result_path, settings[path.name])
+        device = torch.device(cfg.device)
+        if model is None and len(stored) < len(paths):
+            model = model_file.build(device)
+        results = []
         for path in paths:
             if path.name in stored:
+                status.status(f"{path.name}: kept from {task_result_path(out, path.name)}")
                 results.append(stored[path.name])
                 continue
             task = open_ordered_task(path)
-            tick = bars.add(task.name, len(task.support_rows)
-                            + scored_query_count(len(task.query_rows), cfg.chunk_size, cfg.drop_last_query_quirk))
-            result = evaluate_task(model, task, cfg, device, on_images=tick)
+            total = len(task.support_rows) + scored_query_count(len(task.query_rows), cfg.chunk_size,
+                                                                cfg.drop_last_query_quirk)
+            with Progress(f"eval-vtab {task.name}", total, "images", live=progress, window=1) as view:
+                result = evaluate_task(model, task, cfg, device, image_size, on_images=view.advance)
             task.reader.close()
             write_task_result(task_result_path(out, path.name), result, settings[path.name])
             results.append(result)
-    print_table(results, cfg)
-    write_report(out, results, cfg)
+    print_table(results, cfg, image_size)
+    write_report(out, results, cfg, image_size)
     return results

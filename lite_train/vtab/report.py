@@ -1,5 +1,5 @@
 """`TaskResult`s in, eval-vtab's outputs out: per-task result files (what `--resume` keeps), the group and
-overall means, a rich table, `vtab_results.json`, `vtab_results.csv`, `vtab_results.png`, progress bars.
+overall means, a rich table, `vtab_results.json`, `vtab_results.csv`, `vtab_results.png`.
 
 Means follow VTAB: a group's mean is the mean of its tasks' accuracies, the overall mean the mean over all
 tasks evaluated (not the mean of the group means); a group without tasks has mean None (empty in the CSV).
@@ -12,11 +12,11 @@ import csv
 import dataclasses
 import io
 import json
-import os
 from pathlib import Path
 from typing import Sequence
 
-from lite_train.vtab.evaluate import GROUPS, TaskResult, VtabEvalConfig
+from lite_train.files import atomic_write
+from lite_train.vtab.config import GROUPS, TaskResult, VtabEvalConfig
 
 TASKS_DIR = "tasks"  # <out>/tasks/<task>.json: one scored task, with the settings it was scored under
 RESULTS_JSON, RESULTS_CSV, RESULTS_PNG = "vtab_results.json", "vtab_results.csv", "vtab_results.png"
@@ -30,12 +30,7 @@ def task_result_path(out: Path, task: str) -> Path:
 
 def _atomic_write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    atomic_write(path, data, fsync=True)
 
 
 def write_task_result(path: Path, result: TaskResult, settings: dict) -> None:
@@ -70,12 +65,13 @@ def group_means(results: Sequence[TaskResult]) -> dict[str, float | None]:
     return means
 
 
-def write_report(out: Path, results: Sequence[TaskResult], cfg: VtabEvalConfig) -> tuple[Path, Path, Path]:
+def write_report(out: Path, results: Sequence[TaskResult], cfg: VtabEvalConfig,
+                 image_size: int) -> tuple[Path, Path, Path]:
     """Write `vtab_results.json` (settings, tasks, means), `vtab_results.csv` (a row per task, then one per
     mean with the task column `mean:<group>`) and the chart `vtab_results.png`."""
     out = Path(out)
     means = group_means(results)
-    payload = {"settings": dataclasses.asdict(cfg), "tasks": {r.task: dataclasses.asdict(r) for r in results},
+    payload = {"settings": {**dataclasses.asdict(cfg), "image_size": image_size}, "tasks": {r.task: dataclasses.asdict(r) for r in results},
                "means": means}
     _atomic_write(out / RESULTS_JSON, (json.dumps(payload, indent=1) + "\n").encode())
     text = io.StringIO()
@@ -90,7 +86,7 @@ def write_report(out: Path, results: Sequence[TaskResult], cfg: VtabEvalConfig) 
         writer.writerow([f"mean:{name}", name if name in GROUPS else "", "" if value is None else f"{value:.4f}"]
                         + [""] * (len(CSV_COLUMNS) - 3))
     _atomic_write(out / RESULTS_CSV, text.getvalue().encode())
-    _atomic_write(out / RESULTS_PNG, _chart(results, means, f"{Path(cfg.checkpoint).name}, {cfg.image_size} px, "
+    _atomic_write(out / RESULTS_PNG, _chart(results, means, f"{Path(cfg.checkpoint).name}, {image_size} px, "
                                                             f"preprocess {cfg.preprocess}"))
     return out / RESULTS_JSON, out / RESULTS_CSV, out / RESULTS_PNG
 
@@ -118,11 +114,11 @@ def _chart(results: Sequence[TaskResult], means: dict[str, float | None], title:
     return buf.getvalue()
 
 
-def print_table(results: Sequence[TaskResult], cfg: VtabEvalConfig) -> None:
+def print_table(results: Sequence[TaskResult], cfg: VtabEvalConfig, image_size: int) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"VTAB accuracy %: {Path(cfg.checkpoint).name}, {cfg.image_size} px, {cfg.preprocess}")
+    table = Table(title=f"VTAB accuracy %: {Path(cfg.checkpoint).name}, {image_size} px, {cfg.preprocess}")
     table.add_column("task", no_wrap=True, min_width=max([len(r.task) for r in results] + [4]))
     for column in ("group", "accuracy", "scored", "missing", "images/s"):
         table.add_column(column, justify="left" if column == "group" else "right", no_wrap=True)
@@ -134,35 +130,3 @@ def print_table(results: Sequence[TaskResult], cfg: VtabEvalConfig) -> None:
     console = Console()
     # Not a terminal (a log, a pipe): rich would assume 80 columns and truncate the task ids.
     (console if console.is_terminal else Console(width=120)).print(table)
-
-
-class ProgressBars:
-    """One rich progress bar per task (images read, images/s); `add(task, total)` returns the tick function."""
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-
-    def __enter__(self) -> ProgressBars:
-        if self.enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self.progress = Progress(TextColumn("{task.description:<32}"), BarColumn(), MofNCompleteColumn(),
-                                     TextColumn("{task.fields[rate]}"), TimeElapsedColumn())
-            self.progress.start()
-        return self
-
-    def add(self, name: str, total: int):
-        if not self.enabled:
-            return lambda n: None
-        bar = self.progress.add_task(name, total=total, rate="")
-
-        def tick(n: int) -> None:
-            self.progress.advance(bar, n)
-            speed = self.progress.tasks[bar].speed  # images/s over rich's recent window
-            self.progress.update(bar, rate=f"{speed:.0f} img/s" if speed else "")
-
-        return tick
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            self.progress.stop()

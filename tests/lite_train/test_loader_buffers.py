@@ -7,7 +7,8 @@ import os
 import pytest
 import torch
 
-from lite_train.data.loader import EpisodeLoader, EpisodeLoaderConfig, _shared_empty, _storage_users
+from lite_train.data.buffers import shared_empty, storage_users
+from lite_train.data.loader import EpisodeLoader, EpisodeLoaderConfig
 
 KEYS = ("support_images", "query_images")
 
@@ -19,7 +20,7 @@ def _loader(converted, workers, n, **kw) -> EpisodeLoader:
 
 
 def _count_allocations(loader: EpisodeLoader) -> list[int]:
-    pool, calls = loader._pool, []
+    pool, calls = loader.engine.pool, []
     allocate = pool.allocate
 
     def counting(shape):
@@ -74,19 +75,19 @@ def test_a_view_kept_by_the_consumer_keeps_its_buffer_busy(converted):
 
 def test_storage_users_count_views():
     t = torch.empty(4, 3)
-    base = _storage_users(t)
+    base = storage_users(t)
     # Buffer reuse relies on this private torch API: its loss must fail here, not skip (the loader would
     # silently fall back to fresh memory for every episode).
     assert base is not None, "torch._C._storage_Use_Count is missing: episode buffers are never reused"
     v = t[1:]
-    assert _storage_users(t) == base + 1
+    assert storage_users(t) == base + 1
     del v
-    assert _storage_users(t) == base
+    assert storage_users(t) == base
 
 
 def test_shared_buffers_commit_memory_only_where_written():
     rows, row_bytes = 2000, 3 * 224 * 224 * 4  # 1.2 GB of address space
-    buf = _shared_empty((rows, 3, 224, 224))
+    buf = shared_empty((rows, 3, 224, 224))
     assert buf.is_shared()
     fd, _ = buf.untyped_storage()._share_fd_cpu_()
     assert os.fstat(fd).st_blocks * 512 < 4 * row_bytes

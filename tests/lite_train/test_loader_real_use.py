@@ -12,7 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 from lite_train.cli import app
-from lite_train.data import loader as loader_module
+from lite_train.data import buffers as buffers_module
 from lite_train.data.episode_description import EpisodeDescriptionConfig
 from lite_train.data.episodes import EpisodePlanner, open_readers
 from lite_train.data.loader import EpisodeLoader, EpisodeLoaderConfig
@@ -142,7 +142,7 @@ def test_a_break_releases_memory(converted):
 @pytest.mark.parametrize("where, name", [(torch._C, "_storage_Use_Count"), (os, "memfd_create")])
 def test_a_missing_private_torch_api_warns_once_and_the_loader_still_works(converted, monkeypatch, where, name):
     reference = _pixels(EpisodeLoader(_cfg(converted, 0, n=4)))
-    monkeypatch.setattr(loader_module, "_warned", set())
+    monkeypatch.setattr(buffers_module, "_warned", set())
     monkeypatch.delattr(where, name)
     with pytest.warns(RuntimeWarning, match=name) as caught:
         got = _pixels(EpisodeLoader(_cfg(converted, 2, n=4)))
@@ -155,7 +155,7 @@ def test_a_missing_private_torch_api_warns_once_and_the_loader_still_works(conve
 def test_spawned_workers_give_the_same_episodes(converted):
     reference = _pixels(EpisodeLoader(_cfg(converted, 0, n=3)))
     with EpisodeLoader(_cfg(converted, 1, n=3, multiprocessing_context="spawn")) as loader:
-        assert loader._data_loader(None).multiprocessing_context.get_start_method() == "spawn"
+        assert loader.engine.data_loader(None).multiprocessing_context.get_start_method() == "spawn"
         _assert_same(_pixels(loader), reference)
 
 

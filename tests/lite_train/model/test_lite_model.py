@@ -165,8 +165,54 @@ def test_simple_cnaps_precisions_stay_right_after_set_num_threads():
         features = torch.randn(12, 1280, generator=gen)  # (N, D)
         labels = torch.arange(12) % 3
         stats = make_head("simple_cnaps", True).fit(features, labels)
-        expected = make_head("simple_cnaps", True).fit(features.double(), labels).precisions
+        expected = make_head("simple_cnaps", True).fit(features.double(), labels).precision_matrices()
     finally:
         torch.set_num_threads(threads)
-    assert torch.isfinite(stats.precisions).all()
-    assert torch.allclose(stats.precisions.double(), expected, atol=1e-4)
+    assert torch.isfinite(stats.precision_matrices()).all()
+    assert torch.allclose(stats.precision_matrices().double(), expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("dim, shots, quirk", [
+    (1280, (1, 2, 3, 4, 5), True),  # Woodbury (r = n_k + N < D), a 1-shot class with the reference's quirk
+    (1280, (1, 2, 3, 4, 5), False),  # ... and with the corrected zero class covariance
+    (1280, (1,), True),  # one support image in all: the task covariance is the quirk's scalar too
+    (16, (3, 9, 12), True),  # r >= D: the D x D Cholesky form
+])
+def test_cholesky_solver_gives_the_explicit_inverse_logits_and_gradients(dim, shots, quirk):
+    # The reference's explicit inverse in float64 is the yardstick (heads.SimpleCnapsHead(solver="inverse") is
+    # the reference's code path); the factored solve must give the same logits and the same gradients.
+    from lite_train.model.heads import SimpleCnapsHead
+
+    gen = torch.Generator().manual_seed(len(shots) + dim)
+    labels = torch.cat([torch.full((n,), k) for k, n in enumerate(shots)])
+    support = (3 * torch.randn(len(labels), dim, generator=gen, dtype=torch.float64)).requires_grad_()
+    query = (3 * torch.randn(7, dim, generator=gen, dtype=torch.float64)).requires_grad_()
+    results = []
+    for solver in ("inverse", "cholesky"):
+        head = SimpleCnapsHead(one_shot_covariance_quirk=quirk, solver=solver)
+        stats = head.fit(support, labels)
+        logits = head.logits(stats, query)  # (7, K)
+        grads = torch.autograd.grad((logits * torch.arange(logits.numel()).view_as(logits)).sum(), (support, query))
+        results.append((logits.detach(), grads, stats.precision_matrices().detach()))
+    (ref_logits, ref_grads, ref_prec), (logits, grads, prec) = results
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-10, atol=1e-8)
+    for g, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(g, ref, rtol=1e-8, atol=1e-8 * ref.abs().max().item())
+    torch.testing.assert_close(prec, ref_prec, rtol=1e-9, atol=1e-12)
+
+
+def test_cholesky_solver_keeps_float32_logits_closer_to_float64_than_the_inverse():
+    # Why it is computed in float64: in float32 an explicit inverse of Sigma (eigenvalues up to ~1e3 here) loses
+    # digits that the factored float64 solve keeps.
+    from lite_train.model.heads import SimpleCnapsHead
+
+    gen = torch.Generator().manual_seed(3)
+    labels = torch.arange(5).repeat_interleave(4)
+    support, query = 10 * torch.randn(20, 1280, generator=gen), 10 * torch.randn(9, 1280, generator=gen)
+    exact = SimpleCnapsHead(solver="inverse")
+    truth = exact.logits(exact.fit(support.double(), labels), query.double())
+    errors = {}
+    for solver in ("inverse", "cholesky"):
+        head = SimpleCnapsHead(solver=solver)
+        errors[solver] = (head.logits(head.fit(support, labels), query).double() - truth).abs().max().item()
+    assert errors["cholesky"] < errors["inverse"] / 10, errors

@@ -26,7 +26,7 @@ def test_simple_cnaps_head_gives_lite_means_precisions_and_logits(golden):
     stats = head.fit(g["support_features"], g["support_labels"])  # float64, as LITE's float64 run
     assert stats.classes.tolist() == [0, 1, 2, 3, 4]
     torch.testing.assert_close(stats.means, g["class_means"], rtol=0, atol=1e-10)
-    torch.testing.assert_close(torch.diagonal(stats.precisions, dim1=1, dim2=2), g["precision_diag"],
+    torch.testing.assert_close(torch.diagonal(stats.precision_matrices(), dim1=1, dim2=2), g["precision_diag"],
                                rtol=0, atol=1e-10)
     torch.testing.assert_close(head.logits(stats, g["query_features"]), g["logits"], rtol=0, atol=1e-8)
 
@@ -37,13 +37,13 @@ def test_corrected_one_shot_covariance_changes_only_the_one_shot_class(golden):
     one_shot = int((shots == 1).nonzero()[0])
     quirk = SimpleCnapsHead().fit(g["support_features"], g["support_labels"])
     fixed = SimpleCnapsHead(one_shot_covariance_quirk=False).fit(g["support_features"], g["support_labels"])
-    differs = [not torch.allclose(a, b) for a, b in zip(quirk.precisions, fixed.precisions)]
+    differs = [not torch.allclose(a, b) for a, b in zip(quirk.precision_matrices(), fixed.precision_matrices())]
     assert differs == [k == one_shot for k in range(len(shots))]
     # Corrected: Sigma = 0.5 * task covariance + I for the one-shot class.
     features = g["support_features"]
     task_cov = torch.cov(features.t())
     expected = torch.inverse(0.5 * task_cov + torch.eye(features.shape[1], dtype=features.dtype))
-    torch.testing.assert_close(fixed.precisions[one_shot], expected, rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(fixed.precision_matrices()[one_shot], expected, rtol=1e-7, atol=1e-9)
 
 
 def test_film_generator_gives_lite_gamma_and_beta(golden):

@@ -45,8 +45,8 @@ def test_test_command_same_seed_same_numbers_json_chart_and_identity_baseline(tr
     a = json.loads((tmp_path / "a" / "test_results.json").read_text())
     b = json.loads((tmp_path / "b" / "test_results.json").read_text())
     assert a["models"] == b["models"]
-    assert set(a["models"]) == {"model", "identity FiLM"}
-    assert set(a["models"]["model"]) == {"toya", "toyb"} and a["models"]["model"]["toya"]["n"] == 2
+    assert set(a["models"]) == {"run", "run, identity FiLM"}  # labelled by the run folder
+    assert set(a["models"]["run"]) == {"toya", "toyb"} and a["models"]["run"]["toya"]["n"] == 2
     with Image.open(tmp_path / "a" / "test_results.png") as png:
         assert png.format == "PNG"
     assert "toya" in first.output and "±" in first.output

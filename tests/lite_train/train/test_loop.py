@@ -94,7 +94,7 @@ def test_a_fresh_run_refuses_a_used_folder_and_resume_refuses_other_settings(tin
     train(tiny_config(tiny_data, run, iterations=1), progress=False)
     with pytest.raises(ValueError, match="not empty"):
         train(tiny_config(tiny_data, run, iterations=1), progress=False)
-    with pytest.raises(ValueError, match="differs in h"):
+    with pytest.raises(ValueError, match="started with other settings: h 3 \\(now 2\\)"):
         train(tiny_config(tiny_data, run, iterations=1, h=2), resume=True, progress=False)
 
 
@@ -155,9 +155,9 @@ def test_tf32_is_a_cuda_setting_and_set_tf32_sets_both_backends(tiny_data, tmp_p
     from typer.testing import CliRunner
 
     from lite_train.cli import app
-    from lite_train.train import set_tf32
+    from lite_train.runtime import set_tf32
 
-    with pytest.raises(ValueError, match="tf32 needs a CUDA device"):
+    with pytest.raises(ValueError, match="--tf32: TF32 needs a CUDA device"):
         tiny_config(tiny_data, tmp_path / "run", tf32=True)
     result = CliRunner().invoke(app, ["train", "--data", str(tiny_data), "--out", str(tmp_path / "run"),
                                       "--sources", "toya", "--device", "cpu", "--tf32"])
