@@ -96,7 +96,7 @@ class _ModelClock:
 def model_row(path: Path, size: int) -> tuple[float, float, int]:
     """(images/s, model share of the wall time, images) of one full evaluate_task with 2 decode workers."""
     from lite_train.model import LiteModel
-    from lite_train.vtab import VtabEvalConfig, evaluate_task
+    from lite_train.evaluate.vtab import VtabEvalConfig, evaluate_task
 
     torch.manual_seed(0)
     clock = _ModelClock(LiteModel().eval())

@@ -137,7 +137,7 @@ def run(quick: bool = False, device_name: str = "cuda", tf32: bool | None = None
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks.gpu_bench: no CUDA device here; this benchmark needs a GPU")
     if tf32 is not None:
-        from lite_train.train import set_tf32
+        from lite_train.runtime import set_tf32
 
         set_tf32(tf32)
     device = torch.device(device_name)

@@ -12,10 +12,10 @@ import typer
 from lite_train.options import MAX_IMAGE_SIZE, config_command
 from lite_train.runtime import DEVICE_HELP, resolve_device
 from lite_train.train.config import TrainConfig
-from lite_train.train.predict import PredictConfig
+from lite_train.evaluate.predict import PredictConfig
 from lite_train.train.pretrain_config import PretrainConfig
-from lite_train.train.testing import TestConfig
-from lite_train.vtab.config import VtabEvalConfig
+from lite_train.evaluate.testing import TestConfig
+from lite_train.evaluate.vtab.config import VtabEvalConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="TF-free LITE runtime: episode sampling and loading, meta-training, testing, prediction.")
@@ -150,7 +150,7 @@ def pretrain(values: dict,
     """Pretrain the EfficientNet-B0 backbone with cross-entropy on the training classes of --sources (as
     Meta-Dataset's batch baselines pretrain on ImageNet's): writes <out>/backbone.pt for `lite-train train
     --backbone-weights`. Ctrl-C / SIGTERM write a checkpoint before exiting."""
-    from lite_train.train.pretrain import pretrain as run_pretrain
+    from lite_train.train.pretraining import pretrain as run_pretrain
 
     with _one_line_errors():
         cfg = PretrainConfig(**values, device=resolve_device(device))
@@ -160,8 +160,8 @@ def pretrain(values: dict,
                    "(continue with the same command plus --resume)")
         raise typer.Exit(130)
     held = "" if result.held_out_accuracy is None else f", held-out accuracy {result.held_out_accuracy:.1f} %"
-    typer.echo(f"pretrained {result.batches} batches{held}; backbone in {result.backbone} "
-               f"(curves: {cfg.out}/curves.png)")
+    curves = f" (curves: {cfg.out}/curves.png)" if result.batches else " (random: BN statistics only)"
+    typer.echo(f"pretrained {result.batches} batches{held}; backbone in {result.backbone}{curves}")
 
 
 @config_command(app, "train", TrainConfig)
@@ -189,7 +189,7 @@ def train(values: dict,
 def test(values: dict, device: str = typer.Option("auto", help=DEVICE_HELP)) -> None:
     """Test models on the same seeded episodes: accuracy mean ± 1.96·std/√n per source and model, and the
     paired gain of each model over the one before it (table, JSON, PNG chart)."""
-    from lite_train.train.testing import run_test
+    from lite_train.evaluate.testing import run_test
 
     with _one_line_errors():
         cfg = TestConfig(**values, device=resolve_device(device, values.get("tf32", False)))
@@ -204,7 +204,7 @@ def predict(values: dict, device: str = typer.Option("auto", help=DEVICE_HELP)) 
 
     from lite_train.model.model_file import read_model_file
     from lite_train.runtime import torch_threads
-    from lite_train.train.predict import predict_folders, print_predictions, write_predictions
+    from lite_train.evaluate.predict import predict_folders, print_predictions, write_predictions
 
     with _one_line_errors():
         cfg = PredictConfig(**values, device=resolve_device(device, values.get("tf32", False)))
@@ -226,7 +226,7 @@ def predict(values: dict, device: str = typer.Option("auto", help=DEVICE_HELP)) 
 @config_command(app, "eval-vtab", VtabEvalConfig)
 def eval_vtab(values: dict, device: str = typer.Option("auto", help=DEVICE_HELP)) -> None:
     """Evaluate a model on converted VTAB tasks: per-task accuracy and group means (table, JSON, CSV, PNG)."""
-    from lite_train.vtab import run_eval_vtab
+    from lite_train.evaluate.vtab import run_eval_vtab
 
     with _one_line_errors():
         cfg = VtabEvalConfig(**values, device=resolve_device(device, values.get("tf32", False)))

@@ -1,11 +1,11 @@
 """Where a command runs: the torch device (`--device`) and torch's intra-op threads (`--threads`).
 
 Threads: torch starts as many intra-op threads as there are cores, and the loader's decode workers are
-processes of their own, so by default a trainer on 2 cores with 1 worker would run 2 + 1 busy threads on 2
-cores. Oversubscribed, torch's threads wait on each other at every operation (measured in the learns issue:
-one pretraining epoch took 189 s instead of 15 s). The default here is the cores this process may use
-(its CPU affinity, shared among the processes torchrun started on this machine) minus the decode workers,
-at least 1 (BENCHMARKS.md, "Threads").
+processes of their own, so by default a trainer on 2 cores with 1 worker would run 2 + 1 threads on 2 cores.
+Oversubscribed, torch's threads wait on each other at every operation whenever the other process is busy.
+The default here is the cores this process may use (its CPU affinity, shared among the processes torchrun
+started on this machine) minus the decode workers, at least 1: it costs some speed while the workers are
+idle and avoids the collapse while they are busy (both measured in BENCHMARKS.md, "Threads").
 """
 
 from __future__ import annotations

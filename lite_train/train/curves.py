@@ -128,8 +128,9 @@ def plot_runs(folders: Sequence[str | Path], out: str | Path) -> Path:
     ax_acc.set_xlabel(unit)
     ax_acc.set_ylabel("accuracy %")
     ax_acc.set_ylim(0, 100)
-    ax_acc.legend(fontsize=7, loc="lower right")
-    if len(runs) > 1:
+    if ax_acc.get_legend_handles_labels()[0]:
+        ax_acc.legend(fontsize=7, loc="lower right")
+    if len(runs) > 1 and ax_loss.get_legend_handles_labels()[0]:
         ax_loss.legend(fontsize=7)
     what = runs[0].name if len(runs) == 1 else f"{len(runs)} runs"
     fig.suptitle(f"{what}: training curves (lines: trailing mean over 1/25 of the {unit}; dots: each value)",

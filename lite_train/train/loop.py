@@ -38,7 +38,7 @@ from lite_train.runtime import set_tf32, torch_threads
 from lite_train.train import checkpoint as ckpt
 from lite_train.train.config import TRAIN_RESUME_FIELDS, TrainConfig
 from lite_train.train.distributed import Distributed
-from lite_train.train.evaluate import SourceResult, better_on_half, evaluate
+from lite_train.evaluate.episodes import SourceResult, better_on_half, evaluate
 from lite_train.train.logs import METRICS_COLUMNS, VALIDATION_COLUMNS, RunLogs
 from lite_train.train.run_folder import RunFolder
 from lite_train.train.signals import StopRequest

@@ -11,7 +11,7 @@ import torch
 import torch.multiprocessing as mp
 
 from lite_train.train import train
-from tests.lite_train.train.conftest import tiny_config
+from tests.lite_train.tiny_runs import tiny_config
 
 
 def _worker(rank: int, world: int, port: int, data: str, out: str, snapshots: str) -> None:

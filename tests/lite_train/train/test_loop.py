@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from lite_train.train import TrainConfig, load_checkpoint, train
-from tests.lite_train.train.conftest import tiny_config
+from tests.lite_train.tiny_runs import tiny_config
 
 
 def _losses(run) -> list[list[str]]:
@@ -120,7 +120,7 @@ def test_sigterm_to_the_whole_process_group_checkpoints(tiny_data, tmp_path):
     run = tmp_path / "run"
     repo = Path(__file__).resolve().parents[3]
     code = ("from pathlib import Path; from lite_train.train import train; "
-            "from tests.lite_train.train.conftest import tiny_config; "
+            "from tests.lite_train.tiny_runs import tiny_config; "
             f"r = train(tiny_config(Path({str(tiny_data)!r}), Path({str(run)!r}), num_workers=2, "
             "iterations=10**6, checkpoint_every=10**6), progress=False); print('stopped', r.finished, r.iteration)")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=repo, start_new_session=True,

@@ -20,14 +20,8 @@ from lite_train.data.batches import BatchLoader, BatchLoaderConfig
 from lite_train.train import PretrainConfig, pretrain
 from manifests import open_source
 from tests.lite_train.cli_output import one_error_line
-from tests.lite_train.train.conftest import tiny_config
-
-
-def _config(data: Path, out: Path, **overrides) -> PretrainConfig:
-    # toya: 6 train classes, toyb: 5, 4 images each: 44 images, 1 held out per class -> 33, 4 batches of 8
-    base = dict(data=str(data), out=str(out), sources=("toya", "toyb"), image_size=32, epochs=2, batch_size=8,
-                learning_rate=0.01, holdout=0.25, bn_batches=2, num_workers=0, checkpoint_every=1000, threads=1)
-    return PretrainConfig(**{**base, **overrides})
+from tests.lite_train.tiny_runs import tiny_config
+from tests.lite_train.tiny_runs import tiny_pretrain_config as _config
 
 
 def _metrics(run: Path) -> list[list[str]]:
@@ -169,7 +163,7 @@ def test_bad_settings_are_one_line_before_the_run_folder_is_touched(tiny_data, t
 
 
 def test_learning_rate_warms_up_then_follows_a_cosine_to_zero():
-    from lite_train.train.pretrain import learning_rate
+    from lite_train.train.pretraining import learning_rate
 
     cfg = PretrainConfig(data="d", out="o", sources=("s",), learning_rate=0.1, warmup_epochs=1.0)
     lrs = np.array([learning_rate(cfg, step, total=40, per_epoch=10) for step in range(40)])

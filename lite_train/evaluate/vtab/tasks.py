@@ -29,8 +29,8 @@ from lite_train.data.ordered import OrderedLoaderConfig, OrderedTask, open_order
 from lite_train.model.model_file import read_model_file
 from lite_train.progress import Progress
 from lite_train.runtime import torch_threads
-from lite_train.vtab.config import GROUPS, TaskResult, VtabEvalConfig
-from lite_train.vtab.report import print_table, read_task_result, task_result_path, write_report, write_task_result
+from lite_train.evaluate.vtab.config import GROUPS, TaskResult, VtabEvalConfig
+from lite_train.evaluate.vtab.report import print_table, read_task_result, task_result_path, write_report, write_task_result
 from manifests import schema
 from manifests.reader import ManifestError, find_sources
 

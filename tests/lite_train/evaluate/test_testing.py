@@ -12,7 +12,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from lite_train.cli import app
-from lite_train.train import SourceResult, better_on_half, summarise
+from lite_train.evaluate import SourceResult, better_on_half, summarise
 
 
 def test_summary_is_the_reference_mean_and_196_std_over_sqrt_n():

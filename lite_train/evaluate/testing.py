@@ -21,7 +21,7 @@ from lite_train.model.model_file import ModelFile, read_model_file
 from lite_train.options import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, check_bounds, option
 from lite_train.progress import Progress
 from lite_train.runtime import THREADS_HELP, torch_threads
-from lite_train.train.evaluate import SourceResult, episode_accuracies, paired_difference, summarise
+from lite_train.evaluate.episodes import SourceResult, episode_accuracies, paired_difference, summarise
 
 RESULTS_JSON = "test_results.json"
 RESULTS_PNG = "test_results.png"

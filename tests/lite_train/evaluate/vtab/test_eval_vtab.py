@@ -26,7 +26,7 @@ from lite_train.data.engine import lite_resize_into
 from lite_train.data.ordered import (OrderedLoaderConfig, open_ordered_task, query_batches,
                                      read_support)
 from lite_train.model import LiteModel, ModelConfig
-from lite_train.vtab import TaskResult, VtabEvalConfig, group_means, run_eval_vtab
+from lite_train.evaluate.vtab import TaskResult, VtabEvalConfig, group_means, run_eval_vtab
 from manifests import schema
 from tests.lite_train.cli_output import one_error_line
 from manifests.ordered_writer import OrderedSourceWriter, SampleOrigin

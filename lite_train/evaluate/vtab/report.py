@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Sequence
 
 from lite_train.files import atomic_write
-from lite_train.vtab.config import GROUPS, TaskResult, VtabEvalConfig
+from lite_train.evaluate.vtab.config import GROUPS, TaskResult, VtabEvalConfig
 
 TASKS_DIR = "tasks"  # <out>/tasks/<task>.json: one scored task, with the settings it was scored under
 RESULTS_JSON, RESULTS_CSV, RESULTS_PNG = "vtab_results.json", "vtab_results.csv", "vtab_results.png"
