@@ -132,3 +132,83 @@ def test_importing_the_converter_cli_loads_no_vtab_demo_or_verify_code():
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "[]"
+
+
+PACKAGES = ("convert", "manifests", "lite_train")
+
+
+def _module_of(path: Path) -> str:
+    return ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+
+
+def _project_imports(path: Path, modules: set[str]) -> list[tuple[str, str]]:
+    """(imported project module, name) for every import in the file, at any depth (lazy imports too);
+    `from package import submodule` counts as importing the submodule."""
+    me = _module_of(path)
+    package = me if path.name == "__init__.py" else me.rpartition(".")[0]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [(a.name, "") for a in node.names if a.name.split(".")[0] in PACKAGES]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative import
+                parts = package.split(".")[:len(package.split(".")) - node.level + 1]
+                base = ".".join(parts + ([base] if base else []))
+            if base.split(".")[0] not in PACKAGES:
+                continue
+            for alias in node.names:
+                sub = f"{base}.{alias.name}"
+                found.append((sub, "") if sub in modules else (base, alias.name))
+    return found
+
+
+def _project_files() -> list[Path]:
+    return sorted(p for package in PACKAGES for p in (ROOT / package).rglob("*.py"))
+
+
+def test_no_import_circle_between_project_modules():
+    # Lazy (function-level) imports count too: a circle hidden inside a function is still a circle.
+    files = _project_files()
+    modules = {_module_of(p) for p in files}
+    graph = {_module_of(p): {m for m, _ in _project_imports(p, modules) if m in modules and m != _module_of(p)}
+             for p in files}
+    # Tarjan's strongly connected components: any with more than one module is a circle.
+    index, low, stack, on_stack, circles, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                circles.append(sorted(component))
+
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), 10_000))
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    assert circles == [], circles
+
+
+def test_no_private_name_is_imported_from_another_module():
+    files = _project_files()
+    modules = {_module_of(p) for p in files}
+    offenders = [(p.relative_to(ROOT).as_posix(), f"{m}.{name}") for p in files
+                 for m, name in _project_imports(p, modules)
+                 if name.startswith("_") and not name.startswith("__") and m != _module_of(p)]
+    assert offenders == [], offenders
