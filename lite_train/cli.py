@@ -200,6 +200,8 @@ def test(values: dict, device: str = typer.Option("auto", help=DEVICE_HELP)) -> 
 @config_command(app, "predict", PredictConfig)
 def predict(values: dict, device: str = typer.Option("auto", help=DEVICE_HELP)) -> None:
     """Classify the query images with the classes shown in the support folder."""
+    import dataclasses
+
     import torch
 
     from lite_train.model.model_file import read_model_file
@@ -217,7 +219,8 @@ def predict(values: dict, device: str = typer.Option("auto", help=DEVICE_HELP)) 
             model = model_file.build(cfg.device)
             names, files, scores, hidden = predict_folders(model, Path(cfg.support), Path(cfg.query), size,
                                                            torch.device(cfg.device), cfg.chunk_size)
-        write_predictions(Path(cfg.out), names, files, scores)
+        write_predictions(Path(cfg.out), names, files, scores, {"config": dataclasses.asdict(cfg), "image_size": size,
+                                                                "model": model_file.meta})
     print_predictions(names, files, scores)
     typer.echo(f"wrote {cfg.out} ({len(files)} queries, {len(names)} classes, {size} px"
                + (f"; {hidden} hidden files ignored)" if hidden else ")"))

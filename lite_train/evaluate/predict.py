@@ -150,8 +150,11 @@ def predict_folders(model: torch.nn.Module, support_dir: Path, query_dir: Path, 
     return names, files, torch.softmax(logits.float().cpu(), dim=1), hidden_s + hidden_q  # (Q, classes)
 
 
-def write_predictions(path: Path, names: list[str], files: list[Path], scores: torch.Tensor) -> None:
-    """CSV: file, predicted, then one score column per class (softmax of the logits), written atomically."""
+def write_predictions(path: Path, names: list[str], files: list[Path], scores: torch.Tensor,
+                      settings: dict | None = None) -> None:
+    """CSV: file, predicted, then one score column per class (softmax of the logits), written atomically; and
+    beside it `<path>.json`: the settings it was made with (the PredictConfig, the image size, the model's
+    metadata)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     text = io.StringIO()
     writer = csv.writer(text)
@@ -159,6 +162,10 @@ def write_predictions(path: Path, names: list[str], files: list[Path], scores: t
     for file, row in zip(files, scores.tolist()):
         writer.writerow([file.name, names[int(np.argmax(row))], *(f"{v:.6f}" for v in row)])
     atomic_write(path, text.getvalue())
+    if settings is not None:
+        import json
+
+        atomic_write(path.with_name(path.name + ".json"), json.dumps(settings, indent=1, default=str) + "\n")
 
 
 def print_predictions(names: list[str], files: list[Path], scores: torch.Tensor) -> None:

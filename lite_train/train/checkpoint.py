@@ -34,9 +34,19 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     """Write `state` to `path` atomically: temp file in the same folder, fsync, rename, fsync the folder.
 
     Raises:
-        ValueError: one line naming the file ("no space left on device: <path>"); the old file stays.
+        ValueError: one line naming the file ("no space left on device: <path>"), or the model holds a
+            non-finite value; the old file stays.
     """
+    _check_finite(state["model"], path)
     atomic_write(path, lambda f: torch.save({"format": FORMAT, **state}, f), fsync=True)
+
+
+def _check_finite(state_dict: dict[str, torch.Tensor], path: str | Path) -> None:
+    """No NaN or infinity ever reaches a saved file: the last good one stays."""
+    bad = next((k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise ValueError(f"training diverged: {bad} holds NaN or infinite values; {path} was not written (the "
+                         "last one written holds finite values); lower the learning rate")
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -67,6 +77,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 def save_model_file(path: str | Path, state_dict: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     """A plain state dict as LITE writes its models (fully_trained.pt, best_validation.pt), carrying `meta`
     where `load_state_dict` does not look (lite_train.model.model_file.with_metadata), written atomically."""
+    _check_finite(state_dict, path)
     state = with_metadata({k: v.detach().cpu() for k, v in state_dict.items()}, meta)
     atomic_write(path, lambda f: torch.save(state, f), fsync=True)
 

@@ -244,6 +244,12 @@ def _pretrain(cfg: PretrainConfig, loader: BatchLoader, checkpoint_path: Path | 
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             dist.sum_grads(model)
+            bad = next((n for n, p in model.named_parameters() if p.grad is not None
+                        and not torch.isfinite(p.grad).all()), None)
+            if bad is not None:
+                raise ValueError(f"pretraining diverged: the gradient of {bad} is not finite at batch {step} (epoch "
+                                 f"{epoch}); lower --learning-rate (now {cfg.learning_rate:g}); "
+                                 f"{out / ckpt.CHECKPOINT} keeps the last finite state")
             optimizer.step()
             done = step + 1
             rows = dist.gather_rows([loss.item() * dist.world, float((logits.argmax(1) == labels).float().mean())])
