@@ -211,11 +211,11 @@ def predict(values: dict, device: str = typer.Option("auto", help=DEVICE_HELP)) 
     with _one_line_errors():
         cfg = PredictConfig(**values, device=resolve_device(device, values.get("tf32", False)))
         cfg.check_output()
-        model_file = read_model_file(cfg.checkpoint)
-        size, note = model_file.image_size(cfg.image_size)
-        if note:
-            typer.echo(note, err=True)
-        with torch_threads(cfg.threads, 0):
+        with torch_threads(cfg.threads, 0):  # reading the file checks every tensor: --threads counts there too
+            model_file = read_model_file(cfg.checkpoint)
+            size, note = model_file.image_size(cfg.image_size)
+            if note:
+                typer.echo(note, err=True)
             model = model_file.build(cfg.device)
             names, files, scores, hidden = predict_folders(model, Path(cfg.support), Path(cfg.query), size,
                                                            torch.device(cfg.device), cfg.chunk_size)

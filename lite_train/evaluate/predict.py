@@ -4,7 +4,8 @@
 Images are decoded and resized exactly as in training (`lite_train.data.decode`: TF-equal JPEG/PNG decode,
 corner-aligned bilinear resize, [-1, 1]); other formats Pillow can open (BMP, GIF, WebP, TIFF, ...) are
 converted to RGB by Pillow first, then resized the same way. Images of 2**29 decoded bytes or more are
-refused, as TensorFlow refuses them (a 14000 x 14000 photo; also what guards against decompression bombs).
+refused, as TensorFlow refuses them (a 14000 x 14000 photo), on the size their header declares, before
+anything is decoded (what guards against decompression bombs).
 Every entry of the folders is accounted for: hidden files (dot files) are skipped and counted; a
 sub-folder, a broken link or an unreadable file among the images is an error naming it.
 """
@@ -14,6 +15,8 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import struct
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -61,25 +64,53 @@ class PredictConfig:
             raise ValueError(f"--out {out}: {parent} is not a folder")
 
 
+def _declared_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) as a PNG's IHDR chunk or a JPEG's frame header declares it, read without decoding
+    anything; None for other formats or a header that cannot be read (the decoders then refuse the file)."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR":
+        return struct.unpack(">II", data[16:24])
+    if data[:2] == b"\xff\xd8":
+        import simplejpeg
+
+        try:
+            height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+        except (ValueError, KeyError):
+            return None
+        return width, height
+    return None
+
+
+def _too_large(path: Path, width: int, height: int) -> ValueError:
+    return ValueError(f"{path}: {width} x {height} pixels, too large to decode (TensorFlow's limit: "
+                      f"{MAX_DECODED_BYTES} bytes of RGB); resize it first")
+
+
 def load_image(path: Path, image_size: int) -> torch.Tensor:
-    """(3, S, S) float32 in [-1, 1]. Raises ValueError naming the file if it is not a readable image."""
+    """(3, S, S) float32 in [-1, 1]. Raises ValueError naming the file if it is not a readable image or too
+    large (checked on the header, before anything is decoded)."""
     try:
         data = path.read_bytes()
     except OSError as e:
         raise ValueError(f"{path}: cannot be read ({e.strerror or e})") from None
+    declared = _declared_size(data)
+    if declared is not None and declared[0] * declared[1] * 3 >= MAX_DECODED_BYTES:
+        raise _too_large(path, *declared)
     try:
         rgb = decode_rgb(data)  # (H, W, 3) uint8
     except ValueError as first:
         from PIL import Image, UnidentifiedImageError
 
         try:
-            with Image.open(io.BytesIO(data)) as img:
-                w, h = img.size
-                if w * h * 3 >= MAX_DECODED_BYTES:
-                    raise ValueError(f"{path}: {w} x {h} pixels, too large to decode (TensorFlow's limit: "
-                                     f"{MAX_DECODED_BYTES} bytes of RGB); resize it first")
-                rgb = np.asarray(img.convert("RGB"))
-        except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
+            with warnings.catch_warnings():  # Pillow's DecompressionBombWarning: the size is checked here
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(io.BytesIO(data)) as img:
+                    w, h = img.size
+                    if w * h * 3 >= MAX_DECODED_BYTES:
+                        raise _too_large(path, w, h)
+                    rgb = np.asarray(img.convert("RGB"))
+        except Image.DecompressionBombError as e:
+            raise ValueError(f"{path}: too large to decode ({e}); resize it first") from None
+        except (UnidentifiedImageError, OSError):
             raise ValueError(f"{path}: not a readable image ({first})") from None
     out = torch.empty(3, image_size, image_size)
     resize_into(rgb, out, image_size)

@@ -7,6 +7,12 @@ Module names equal the reference's (`_conv_stem`, `_bn0`, `_blocks.{i}._expand_c
 Numerics of the reference ("tf_"-style, as timm marks them): static TF-"same" padding computed for a 224-px
 input whatever the input size, BatchNorm eps 1e-3, Swish = x·sigmoid(x). The backbone is frozen and always
 runs in eval mode (ImageNet running statistics, no drop-connect), which `LiteModel.train` enforces.
+
+How eval mode computes it (the same function, other roundings; docs/fidelity.md M12): every BN is folded
+into the convolution before it (w·s, b·s + t with s = weight / sqrt(var + eps)), the FiLM affine is one
+fused multiply-add, Swish is `F.silu`, the squeeze-excite 1x1 convolutions on 1x1 maps are matrix products,
+and symmetric "same" paddings are the convolution's own (no padded copy). Training mode (pretraining) runs
+the modules one by one, as the reference does.
 """
 
 from __future__ import annotations
@@ -82,33 +88,57 @@ def same_padding(in_size: int, kernel: int, stride: int) -> tuple[int, int, int,
 
 
 class SameConv2d(nn.Conv2d):
-    """An unpadded Conv2d behind a fixed zero padding (computed once for the reference input size)."""
+    """A Conv2d with a fixed zero "same" padding (computed once for the reference input size): the
+    convolution's own padding when it is symmetric, an explicit pad before an unpadded convolution otherwise
+    (the stride-2 convolutions: one more row and column at the bottom and right)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel: int, stride: int, in_size: int,
                  groups: int = 1, bias: bool = False):
-        super().__init__(in_channels, out_channels, kernel, stride=stride, padding=0, groups=groups, bias=bias)
-        self.pad = same_padding(in_size, kernel, stride)
+        left, right, top, bottom = same_padding(in_size, kernel, stride)
+        symmetric = left == right and top == bottom
+        super().__init__(in_channels, out_channels, kernel, stride=stride, padding=(top, left) if symmetric else 0,
+                         groups=groups, bias=bias)
+        self.pad = None if symmetric else (left, right, top, bottom)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if any(self.pad):
-            x = F.pad(x, self.pad)
-        return super().forward(x)
+        return self.folded(x, self.weight, self.bias)
 
+    def folded(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """This convolution with other weights (a BN folded in)."""
+        if self.pad is not None:
+            x = F.pad(x, self.pad)
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+def conv_bn(conv: SameConv2d, bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+    """bn(conv(x)); in eval mode as one convolution with the BN folded into its weights and bias."""
+    if bn.training:
+        return bn(conv(x))
+    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)  # (C,)
+    shift = bn.bias - bn.running_mean * scale  # (C,)
+    if conv.bias is not None:
+        shift = shift + conv.bias * scale
+    return conv.folded(x, conv.weight * scale[:, None, None, None], shift)
 
 def _bn(channels: int) -> nn.BatchNorm2d:
     return nn.BatchNorm2d(channels, momentum=BN_MOMENTUM, eps=BN_EPS)
 
 
 def swish(x: torch.Tensor) -> torch.Tensor:
-    # Written as x·sigmoid(x) like the reference's Swish rather than F.silu, to round the same way.
-    return x * torch.sigmoid(x)
+    """x·sigmoid(x), the reference's Swish (`F.silu` computes it in one pass)."""
+    return F.silu(x)
 
 
 def film(x: torch.Tensor, gamma: torch.Tensor | None, beta: torch.Tensor | None) -> torch.Tensor:
-    """x (n, C, H, W) <- gamma[C]·x + beta[C]; None, None = no FiLM (the same values as gamma 1, beta 0)."""
+    """x (n, C, H, W) <- gamma[C]·x + beta[C] in one pass; None, None = no FiLM (gamma 1, beta 0 exactly)."""
     if gamma is None:
         return x
-    return gamma[None, :, None, None] * x + beta[None, :, None, None]
+    return torch.addcmul(beta[None, :, None, None], x, gamma[None, :, None, None])
+
+
+def _pointwise(conv: SameConv2d, x: torch.Tensor) -> torch.Tensor:
+    """A 1x1 convolution with bias on a (n, C) vector: a matrix product."""
+    return F.linear(x, conv.weight.flatten(1), conv.bias)
 
 
 class FilmMBConvBlock(nn.Module):
@@ -132,12 +162,12 @@ class FilmMBConvBlock(nn.Module):
     def forward(self, inputs: torch.Tensor, gamma: torch.Tensor | None, beta: torch.Tensor | None) -> torch.Tensor:
         x = inputs  # (n, in, H, W)
         if self.spec.expand_ratio != 1:
-            x = swish(self._bn0(self._expand_conv(x)))  # (n, exp, H, W)
-        x = swish(film(self._bn1(self._depthwise_conv(x)), gamma, beta))  # (n, exp, H/s, W/s)
-        squeezed = F.adaptive_avg_pool2d(x, 1)  # (n, exp, 1, 1)
-        squeezed = self._se_expand(swish(self._se_reduce(squeezed)))  # (n, exp, 1, 1)
-        x = torch.sigmoid(squeezed) * x
-        x = self._bn2(self._project_conv(x))  # (n, out, H/s, W/s)
+            x = swish(conv_bn(self._expand_conv, self._bn0, x))  # (n, exp, H, W)
+        x = swish(film(conv_bn(self._depthwise_conv, self._bn1, x), gamma, beta))  # (n, exp, H/s, W/s)
+        squeezed = x.mean(dim=(2, 3))  # (n, exp): global average pool
+        squeezed = _pointwise(self._se_expand, swish(_pointwise(self._se_reduce, squeezed)))  # (n, exp)
+        x = torch.sigmoid(squeezed)[:, :, None, None] * x
+        x = conv_bn(self._project_conv, self._bn2, x)  # (n, out, H/s, W/s)
         if self.spec.residual:
             x = x + inputs  # drop-connect is a training-mode op; the backbone never trains
         return x
@@ -193,11 +223,11 @@ class FilmEfficientNet(nn.Module):
             film_params = [(None, None)] * len(FILM_CHANNELS)
         elif len(film_params) != len(FILM_CHANNELS):
             raise ValueError(f"expected {len(FILM_CHANNELS)} FiLM (gamma, beta) pairs, got {len(film_params)}")
-        x = swish(film(self._bn0(self._conv_stem(images)), *film_params[0]))  # (n, 32, S/2, S/2)
+        x = swish(film(conv_bn(self._conv_stem, self._bn0, images), *film_params[0]))  # (n, 32, S/2, S/2)
         for block, (gamma, beta) in zip(self._blocks, film_params[1:-1]):
             x = block(x, gamma, beta)
-        x = swish(film(self._bn1(self._conv_head(x)), *film_params[-1]))  # (n, 1280, h, w)
-        return F.adaptive_avg_pool2d(x, 1).flatten(1)  # (n, 1280)
+        x = swish(film(conv_bn(self._conv_head, self._bn1, x), *film_params[-1]))  # (n, 1280, h, w)
+        return x.mean(dim=(2, 3))  # (n, 1280): global average pool
 
 
 def calibrate_batch_norm(backbone: FilmEfficientNet, images: torch.Tensor | Sequence[torch.Tensor]) -> None:

@@ -150,8 +150,9 @@ class LiteModel(nn.Module):
         return self.feature_adaptation_network(task_embedding)
 
     def features(self, images: torch.Tensor, film: FilmParams) -> torch.Tensor:
-        """(n, 3, S, S) -> (n, 1280), one batch."""
-        return self.feature_extractor(images, film)
+        """(n, 3, S, S) -> (n, 1280), one batch (channels-last inside: faster convolutions, same values up to
+        rounding)."""
+        return self.feature_extractor(images.contiguous(memory_format=torch.channels_last), film)
 
     def features_by_chunks(self, images: torch.Tensor, film: FilmParams, chunk_size: int) -> torch.Tensor:
         """(n, 3, S, S) -> (n, 1280) in the reference's chunks (no effect on values: the backbone is in eval

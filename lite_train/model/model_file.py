@@ -18,6 +18,9 @@ the file: unreadable, truncated, not a model, a missing or misshapen key, non-fi
 from __future__ import annotations
 
 import dataclasses
+import pickle
+import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +121,33 @@ def _metadata_of(state) -> dict[str, Any]:
     return dict(meta) if isinstance(meta, dict) and meta.get("format") == MODEL_FORMAT else {}
 
 
+def load_tensors(path: Path, what: str) -> Any:
+    """`torch.load(path, weights_only=True)` onto the CPU: tensors and plain values only, no code runs; torch's
+    warnings about the file are not shown.
+
+    Raises:
+        ValueError: one line naming the file: it holds other objects (naming the first), or it is not a PyTorch
+            file or is damaged (with torch's reason).
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several unrelated types for damaged or foreign files
+        text = str(e)
+        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        if unsafe:
+            raise ValueError(f"{path}: holds a {unsafe.group(1)}, not only tensors and plain values; refused "
+                             "(loading it could run code)") from None
+        # Under weights_only every unpickling failure says "Weights only load failed", whatever the cause: the
+        # cause is after "WeightsUnpickler error:" (e.g. "Unsupported operand 0" for bytes that are no pickle).
+        detail = re.search(r"WeightsUnpickler error:\s*(\S.*)", text)
+        reason = (detail.group(1) if detail else text).strip().split("\n")[0].split(". ")[0]
+        if not isinstance(e, (RuntimeError, pickle.UnpicklingError)) or not reason:  # e.g. KeyError: 101
+            reason = f"{type(e).__name__}: {reason}".rstrip(": ")
+        raise ValueError(f"{path}: cannot be read as {what} (not a PyTorch file, or a damaged one: {reason})") from None
+
+
 def read_model_file(path: str | Path) -> ModelFile:
     """Read and check a model file (module docstring).
 
@@ -131,15 +161,7 @@ def read_model_file(path: str | Path) -> ModelFile:
         raise ValueError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
     if path.stat().st_size == 0:
         raise ValueError(f"{path}: empty file, not a model")
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several unrelated types for damaged or foreign files
-        reason = str(e).strip().splitlines()
-        unsafe = "weights_only" in str(e) or "Unsupported global" in str(e)
-        raise ValueError(f"{path}: " + ("holds objects other than tensors and plain values; refused (loading it "
-                                        "could run code)" if unsafe else
-                                        f"cannot be read as a model file ({reason[0] if reason else type(e).__name__})"
-                                        )) from None
+    raw = load_tensors(path, "a model file")
     if isinstance(raw, dict) and raw.get("format") == CHECKPOINT_FORMAT and "model" in raw:
         config = raw.get("config") or {}
         meta = {"image_size": config.get("image_size"), "classifier": config.get("classifier"),

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from lite_train.files import atomic_write
-from lite_train.model.model_file import CHECKPOINT_FORMAT, with_metadata
+from lite_train.model.model_file import CHECKPOINT_FORMAT, load_tensors, with_metadata
 
 CHECKPOINT = "checkpoint.pt"
 FORMAT = CHECKPOINT_FORMAT  # bumped when the layout above changes (2: "rows", "model_meta")
@@ -49,6 +49,15 @@ def _check_finite(state_dict: dict[str, torch.Tensor], path: str | Path) -> None
                          "last one written holds finite values); lower the learning rate")
 
 
+def last_good_state(out: Path, saved: int | None, unit: str = "task") -> str:
+    """Where a diverged run's last finite state is, for its error message: the checkpoint written (or resumed
+    from) after `saved` tasks or batches, or none (a run that diverges before its first checkpoint must not
+    point at one)."""
+    if saved is None:
+        return "no checkpoint was written yet"
+    return f"{out / CHECKPOINT} holds the last good state ({unit} {saved})"
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint written by `save_checkpoint` onto the CPU.
 
@@ -62,11 +71,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if path.stat().st_size == 0:
         raise ValueError(f"{path}: empty file, not a checkpoint (a write was interrupted?); remove it to start "
                          "the run over, or restore it")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several unrelated types for corrupt or foreign files
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ValueError(f"{path}: cannot be read as a checkpoint ({reason})") from None
+    state = load_tensors(path, "a checkpoint")
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         found = state.get("format") if isinstance(state, dict) else None
         raise ValueError(f"{path}: not a lite-train checkpoint of format {FORMAT}"

@@ -121,13 +121,15 @@ def _shuffled(episode: dict, generator: torch.Generator, device: torch.device) -
                         episode["query_labels"][qp].to(device, non_blocking=True), generator)
 
 
-def _check_gradients(model: torch.nn.Module, first: int, last: int, out: Path) -> None:
-    """Raises ValueError naming the tasks and the first parameter whose accumulated gradient is not finite."""
+def _check_gradients(model: torch.nn.Module, first: int, last: int, sources: list[str], cfg: TrainConfig,
+                     last_good: str) -> None:
+    """Raises ValueError naming the tasks, their sources and the first parameter whose accumulated gradient is
+    not finite."""
     for name, p in model.named_parameters():
         if p.grad is not None and not torch.isfinite(p.grad).all():
-            raise ValueError(f"training diverged: the gradient of {name} is not finite after tasks {first}-{last}; "
-                             f"nothing non-finite was saved ({out / ckpt.CHECKPOINT} holds the last good state); "
-                             "lower --learning-rate")
+            raise ValueError(f"training diverged: the gradient of {name} is not finite after tasks {first}-{last} "
+                             f"({', '.join(dict.fromkeys(sources))}); nothing non-finite was saved ({last_good}); "
+                             f"lower --learning-rate (now {cfg.learning_rate:g})")
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = None,
@@ -158,11 +160,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
             folder = stack.enter_context(RunFolder(cfg.out, "lite-train train"))
             checkpoint_path = folder.prepare(cfg.to_dict(), resume, TRAIN_RESUME_FIELDS)
         checkpoint_path = dist.broadcast_object(checkpoint_path)
-        return _train(cfg, loader, checkpoint_path, progress, on_task, stop, dist, device, status)
+        return _train(cfg, loader, checkpoint_path, progress, on_task, stop, dist, device, status, stack)
 
 
 def _train(cfg: TrainConfig, loader: EpisodeLoader, checkpoint_path: Path | None, progress: bool | None,
-           on_task, stop: StopRequest, dist: Distributed, device: torch.device, status: Progress) -> TrainResult:
+           on_task, stop: StopRequest, dist: Distributed, device: torch.device, status: Progress,
+           stack: contextlib.ExitStack) -> TrainResult:
     out = Path(cfg.out)
     model = build_model(cfg).to(device)
     # Adam over all parameters, as the reference: the frozen backbone never gets a gradient, so Adam skips it.
@@ -189,8 +192,13 @@ def _train(cfg: TrainConfig, loader: EpisodeLoader, checkpoint_path: Path | None
     dist.broadcast_state(model)
     logs = RunLogs(out, METRICS_COLUMNS, VALIDATION_COLUMNS, None if state is None else state["rows"],
                    purge_step=iteration) if dist.rank == 0 else None
+    if logs is not None:
+        stack.callback(logs.close)  # also on an error: what was logged reaches the files
+    saved = None if state is None else iteration  # the task of the last checkpoint (for divergence messages)
 
     def save(now: int) -> None:
+        nonlocal saved
+        saved = now
         if logs is not None:
             logs.flush()
             ckpt.save_checkpoint(out / ckpt.CHECKPOINT, {
@@ -205,6 +213,7 @@ def _train(cfg: TrainConfig, loader: EpisodeLoader, checkpoint_path: Path | None
     view = Progress("train", cfg.iterations, "tasks", iteration, enabled=dist.rank == 0, live=progress)
     started, waited = time.perf_counter(), 0.0
     episodes = iter(loader)
+    step_sources: list[str] = []  # of the tasks whose gradients are accumulated now
     model.train()
     while iteration < cfg.iterations and not dist.any(stop.requested):
         before = time.perf_counter()
@@ -219,14 +228,17 @@ def _train(cfg: TrainConfig, loader: EpisodeLoader, checkpoint_path: Path | None
         bad = [r for r in rows if not np.isfinite(r[5])]
         if bad:
             raise ValueError(f"training diverged: task {bad[0][0]} ({bad[0][1]}) has loss {bad[0][5]}; nothing "
-                             f"non-finite was saved ({out / ckpt.CHECKPOINT} holds the last good state); lower "
-                             f"--learning-rate (now {cfg.learning_rate:g})")
+                             f"non-finite was saved ({ckpt.last_good_state(out, saved)}); lower --learning-rate (now "
+                             f"{cfg.learning_rate:g})")
         iteration += dist.world  # one round: every process did one task
+        step_sources += [r[1] for r in rows]
         if iteration % cfg.tasks_per_step == 0 or iteration == cfg.iterations:
             dist.sum_grads(model)
-            _check_gradients(model, (iteration - 1) // cfg.tasks_per_step * cfg.tasks_per_step, iteration - 1, out)
+            _check_gradients(model, (iteration - 1) // cfg.tasks_per_step * cfg.tasks_per_step, iteration - 1,
+                             step_sources, cfg, ckpt.last_good_state(out, saved))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            step_sources = []
             dist.broadcast_buffers(model)  # parameters agree already: same start, same summed gradients
         if logs is not None:
             for r in rows:
@@ -236,7 +248,8 @@ def _train(cfg: TrainConfig, loader: EpisodeLoader, checkpoint_path: Path | None
             on_task(task, stats)
         finished = iteration >= cfg.iterations
         if cfg.val_sources and iteration % cfg.val_freq == 0 and not finished:
-            best = _validate(cfg, model, device, dist, logs, iteration, best, view, meta=model_metadata(cfg, model, iteration))
+            best = _validate(cfg, model, device, dist, logs, iteration, best, view,
+                             meta=model_metadata(cfg, model, iteration))
         stopping = dist.any(stop.requested)
         if finished or stopping or iteration % cfg.checkpoint_every == 0:
             save(iteration)

@@ -177,12 +177,12 @@ def pretrain(cfg: PretrainConfig, *, resume: bool = False, progress: bool | None
             folder = stack.enter_context(RunFolder(cfg.out, "lite-train pretrain"))
             checkpoint_path = folder.prepare(cfg.to_dict(), resume, PRETRAIN_RESUME_FIELDS)
         checkpoint_path = dist.broadcast_object(checkpoint_path)
-        return _pretrain(cfg, loader, checkpoint_path, progress, on_batch, stop, dist, device, status, started)
+        return _pretrain(cfg, loader, checkpoint_path, progress, on_batch, stop, dist, device, status, started, stack)
 
 
 def _pretrain(cfg: PretrainConfig, loader: BatchLoader, checkpoint_path: Path | None, progress: bool | None,
               on_batch, stop: StopRequest, dist: Distributed, device: torch.device, status: Progress,
-              started: float) -> PretrainResult:
+              started: float, stack: contextlib.ExitStack) -> PretrainResult:
     out = Path(cfg.out)
     per_epoch, classes = loader.batches_per_epoch, loader.num_classes
     total = cfg.epochs * per_epoch
@@ -200,9 +200,14 @@ def _pretrain(cfg: PretrainConfig, loader: BatchLoader, checkpoint_path: Path | 
     dist.broadcast_state(model)
     logs = RunLogs(out, PRETRAIN_METRICS_COLUMNS, PRETRAIN_VALIDATION_COLUMNS,
                    None if state is None else state["rows"], purge_step=done) if dist.rank == 0 else None
+    if logs is not None:
+        stack.callback(logs.close)  # also on an error: what was logged reaches the files
     held_out_images = len(loader.planner.held_out.sample)
+    saved = None if state is None else done  # the batch of the last checkpoint (for divergence messages)
 
     def save(batches: int, finished: bool = False) -> None:
+        nonlocal saved
+        saved = batches
         if logs is not None:
             logs.flush()
             ckpt.save_checkpoint(out / ckpt.CHECKPOINT, {
@@ -238,9 +243,10 @@ def _pretrain(cfg: PretrainConfig, loader: BatchLoader, checkpoint_path: Path | 
             loss = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing,
                                    reduction="sum") / cfg.batch_size
             if not torch.isfinite(loss):
-                raise ValueError(f"pretraining diverged: the loss of batch {step} (epoch {epoch}) is {float(loss)}; "
-                                 f"lower --learning-rate (now {cfg.learning_rate:g}); {out / ckpt.CHECKPOINT} "
-                                 "keeps the last finite state")
+                raise ValueError(f"pretraining diverged: the loss of batch {step} (epoch {epoch}) is "
+                                 f"{float(loss.detach())}; nothing non-finite was saved "
+                                 f"({ckpt.last_good_state(out, saved, 'batch')}); lower --learning-rate (now "
+                                 f"{cfg.learning_rate:g})")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             dist.sum_grads(model)
@@ -248,8 +254,9 @@ def _pretrain(cfg: PretrainConfig, loader: BatchLoader, checkpoint_path: Path | 
                         and not torch.isfinite(p.grad).all()), None)
             if bad is not None:
                 raise ValueError(f"pretraining diverged: the gradient of {bad} is not finite at batch {step} (epoch "
-                                 f"{epoch}); lower --learning-rate (now {cfg.learning_rate:g}); "
-                                 f"{out / ckpt.CHECKPOINT} keeps the last finite state")
+                                 f"{epoch}); nothing non-finite was saved "
+                                 f"({ckpt.last_good_state(out, saved, 'batch')}); lower --learning-rate (now "
+                                 f"{cfg.learning_rate:g})")
             optimizer.step()
             done = step + 1
             rows = dist.gather_rows([loss.item() * dist.world, float((logits.argmax(1) == labels).float().mean())])

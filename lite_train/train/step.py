@@ -23,6 +23,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from lite_train.model.efficientnet import FEATURE_DIM
 from lite_train.model.lite import REFERENCE_CHUNK_SIZE, LiteModel, query_chunks
 
 REGULARIZER_SCALE = 0.001  # weight of the FiLM regulariser R in every chunk loss (LITE:src/run.py)
@@ -92,6 +93,34 @@ def _subset_order(subset: torch.Tensor, n: int, h: int) -> torch.Tensor:
     return torch.cat([subset, torch.arange(n)[rest]])
 
 
+class _FeatureCache:
+    """The no-grad support features of one task, computed with the first query chunk's FiLM parameters (as the
+    reference's cache is), but only for the rows a chunk reads from the cache, each row once: with a single
+    query chunk the h gradient rows are never computed twice. The backbone runs in eval mode, so a row's
+    features do not depend on which other rows share its batch: the values are the reference's."""
+
+    def __init__(self, model: LiteModel, images: torch.Tensor, chunk_size: int):
+        self.model, self.images, self.chunk_size = model, images, chunk_size
+        self.film: list | None = None
+        self.values: torch.Tensor | None = None  # (N, 1280), rows filled as they are first read
+        self.done = torch.zeros(images.shape[0], dtype=torch.bool, device=images.device)  # (N,)
+
+    def rows(self, rows: torch.Tensor, film: list) -> torch.Tensor:
+        if self.film is None:
+            self.film = [(g.detach(), b.detach()) for g, b in film]  # the first chunk's
+        missing = rows[~self.done[rows]]
+        if missing.numel():
+            with torch.no_grad():
+                new = self.model.features_by_chunks(self.images[missing], self.film, self.chunk_size)  # (k, 1280)
+            if self.values is None:
+                self.values = new.new_empty(self.images.shape[0], new.shape[1])
+            self.values[missing] = new
+            self.done[missing] = True
+        if self.values is None:  # every row carries gradients (h = N): nothing was read from the cache
+            return self.images.new_empty(0, FEATURE_DIM)
+        return self.values[rows]
+
+
 def lite_task_backward(model: LiteModel, support_images: torch.Tensor, support_labels: torch.Tensor,
                        query_images: torch.Tensor, query_labels: torch.Tensor, h: int = 40,
                        chunk_size: int = REFERENCE_CHUNK_SIZE, tasks_per_step: int = 16,
@@ -118,7 +147,8 @@ def lite_task_backward(model: LiteModel, support_images: torch.Tensor, support_l
     if subsets is None and generator is None:
         raise ValueError("lite_task_backward needs `subsets` or a `generator` to draw them (no hidden randomness)")
     scale = n / h if lite_scale and h > 0 else 1.0
-    embedding_cache = feature_cache = None  # (N[+1], 64), (N, 1280): per task, no graph
+    embedding_cache = None  # (N[+1], 64): per task, no graph
+    features = _FeatureCache(model, support_images, chunk_size)  # (N, 1280) rows, each computed once
     totals = _new_totals()
     with torch.enable_grad():
         for i, (a, b) in enumerate(chunks):
@@ -135,10 +165,7 @@ def lite_task_backward(model: LiteModel, support_images: torch.Tensor, support_l
                 parts.insert(0, _scale_grad(model.set_encoder.pre_pool(support_images[grad_rows]), scale))
             z = torch.cat(parts).mean(dim=0, keepdim=True)  # (1, 64), every support image weighted 1/N
             film = model.film_params(z)
-            if feature_cache is None:
-                with torch.no_grad():
-                    feature_cache = model.features_by_chunks(support_images, film, chunk_size)  # (N, 1280)
-            parts = [feature_cache[cached_rows]]
+            parts = [features.rows(cached_rows, film)]  # (N - h, 1280)
             if h > 0:
                 parts.insert(0, _scale_grad(model.features(support_images[grad_rows], film), scale))
             stats = model.fit_classifier(torch.cat(parts), support_labels[order])  # rows aligned with order

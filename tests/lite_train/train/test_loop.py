@@ -26,6 +26,21 @@ def _final_state(run) -> dict[str, torch.Tensor]:
     return torch.load(run / "fully_trained.pt", weights_only=True)
 
 
+def _differences(a, b, where: str = "") -> list[str]:
+    """Paths at which two checkpoint values (nested dicts, lists, tensors, plain values) differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        if a.keys() != b.keys():
+            return [f"{where} keys"]
+        return [d for k in a for d in _differences(a[k], b[k], f"{where}/{k}")]
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        if len(a) != len(b):
+            return [f"{where} length"]
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in _differences(x, y, f"{where}/{i}")]
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return [] if a.dtype == b.dtype and torch.equal(a, b) else [where]
+    return [] if type(a) is type(b) and a == b else [where]
+
+
 def test_four_tasks_equal_three_a_sigterm_and_one_resumed(tiny_data, tmp_path):
     # tasks_per_step 2: the kill after task 3 comes after one Adam step (its moments must be restored) and in
     # the middle of the next (the accumulated gradient of task 3 must be restored).
@@ -50,6 +65,11 @@ def test_four_tasks_equal_three_a_sigterm_and_one_resumed(tiny_data, tmp_path):
     a, b = _final_state(straight), _final_state(killed)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # and the final checkpoint.pt in every entry: model, Adam moments and steps, accumulated gradients, global RNG
+    # states (the loaders draw from their own generators), loader position and fingerprints, log rows, metadata;
+    # only the run folder's own name differs.
+    assert _differences(load_checkpoint(straight / "checkpoint.pt"), load_checkpoint(killed / "checkpoint.pt")) == [
+        "/config/out", "/model_meta/train_config/out"]
     # and training did change the trainable parameters
     init = tiny_config(tiny_data, tmp_path / "unused")
     from lite_train.train.loop import build_model
