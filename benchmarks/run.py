@@ -47,6 +47,7 @@ BENCHES = (
     Bench("Decode + resize per image on photographs: lite_train vs TensorFlow", "benchmarks.decode_bench"),
     Bench("Episode loader on photographs", "benchmarks.loader_bench"),
     Bench("Training", "benchmarks.train_bench"),
+    Bench("Training speed vs the previous release", "benchmarks.speed_bench"),
     Bench("Threads: default torch threads vs torch's own, with 0/1/2 loader workers", "benchmarks.threads_bench"),
     Bench("Training on a GPU (224 px)", "benchmarks.gpu_bench", args=("--recorded", "benchmarks/gpu_results.md"),
           quick_args=("--quick", "--recorded", "benchmarks/gpu_results.md")),

@@ -86,9 +86,9 @@ class BufferPool:
     the next request and the pool stops growing at the number of buffers alive at once. Untouched rows cost
     address space only: memory is committed page by page as rows are first written.
 
-    Why recycle: a fresh 224-px episode is ~300 MB of new shared memory, and the first write to each of its
-    ~75,000 pages is a page fault in the worker; workers keep their mapping of the buffers they have written
-    to, so after warm-up no page is faulted again (BENCHMARKS.md, "Loader").
+    Why recycle: a fresh 224-px episode is hundreds of MB of new shared memory, and the first write to each of
+    its pages is a page fault in the worker; workers keep their mapping of the buffers they have written to, so
+    after warm-up no page is faulted again (BENCHMARKS.md, "Episode loader").
     """
 
     def __init__(self, image_shape: tuple[int, int, int], shared: bool, max_buffers: int, min_rows: int = 1,

@@ -10,8 +10,8 @@
 
 Why tasks and not whole jobs: MD episodes vary from ~50 to ~1000 images, and torch's DataLoader hands items
 to workers round-robin and returns them in order, so with one episode per item a worker that drew a small
-episode waits for the one that drew a big one (measured: 2 workers ran at ~65 % of the decode bound at
-224 px). Equal-size tasks keep every worker busy, the images are written in place (no copy between
+episode waits for the one that drew a big one (docs/architecture.md, "Workers"). Equal-size tasks keep every
+worker busy, the images are written in place (no copy between
 processes), and since jobs are planned sequentially in the main process, the content of job i is the same
 for any number of workers. Jobs complete in order: every task of job i is handed out before job i + 1's,
 and the DataLoader returns tasks in order.

@@ -62,8 +62,8 @@ class EpisodeLoaderConfig:
     num_workers: int = 2
     pin_memory: bool = False  # page-locked copies of the images, when CUDA is available
     images_per_task: int = 64  # images one worker decodes per DataLoader item (lite_train.data.engine)
-    # DataLoader items queued ahead (8 x 64 images ~ one MD episode). Measured at 224 px, 2 workers: the same
-    # images/s for 4, 8, 12, 24; shared episode memory 1.9 GB at 8 vs 2.6 GB at 24.
+    # DataLoader items queued ahead (8 x 64 images ~ one MD episode; more gave no more images/s and more shared
+    # episode memory, docs/architecture.md "Workers")
     tasks_in_flight: int = 8
     max_open_files: int = DEFAULT_MAX_OPEN_FILES  # shard descriptors per process, over all sources
     dct_scale: bool = False  # fast, not TF-identical decoding (docs/fidelity.md)

@@ -36,7 +36,7 @@ def _worker(rank: int, world: int, port: int, data: str, out: str, snapshots: st
 
     loop.build_model = build_and_keep
     try:
-        train(tiny_config(data, out, iterations=8, tasks_per_step=4), progress=False, on_task=snapshot)
+        train(tiny_config(data, out, iterations=8, tasks_per_step=4, threads=1), progress=False, on_task=snapshot)
         torch.save(seen, f"{snapshots}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -64,12 +64,8 @@ def test_two_gloo_processes_keep_identical_replicas_and_match_one_process(tiny_d
         assert all(torch.equal(a[k], b[k]) for k in a)  # the replicas agree bit for bit after every round
 
     single = tmp_path / "single"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in the workers: the thread count changes the rounding of convolutions
-    try:
-        train(tiny_config(tiny_data, single, iterations=8, tasks_per_step=4), progress=False)
-    finally:
-        torch.set_num_threads(threads)
+    # one thread, as in the workers: the thread count changes the rounding of convolutions
+    train(tiny_config(tiny_data, single, iterations=8, tasks_per_step=4, threads=1), progress=False)
     ddp_rows, single_rows = _rows(out / "metrics.csv"), _rows(single / "metrics.csv")
     # the same global tasks (index, source, sizes) in the same order ...
     assert [r[:5] for r in ddp_rows] == [r[:5] for r in single_rows]
@@ -80,3 +76,41 @@ def test_two_gloo_processes_keep_identical_replicas_and_match_one_process(tiny_d
     final = torch.load(single / "fully_trained.pt", weights_only=True)
     for name, value in ranks[0][-1].items():
         torch.testing.assert_close(value, final[name], rtol=0, atol=2 * 2e-3)
+
+
+def _pretrain_worker(rank: int, world: int, port: int, data: str, out: str, snapshots: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    import torch.distributed as dist
+
+    import lite_train.train.pretraining as pretraining
+    from tests.lite_train.tiny_runs import tiny_pretrain_config
+
+    models, seen = [], []
+    net = pretraining.PretrainNet
+
+    class Kept(net):  # the replica of this process, to compare its weights after every step
+        def __init__(self, classes):
+            super().__init__(classes)
+            models.append(self)
+
+    pretraining.PretrainNet = Kept
+    try:
+        pretraining.pretrain(tiny_pretrain_config(data, out, epochs=1), progress=False,
+                             on_batch=lambda b, loss: seen.append({n: p.detach().clone()
+                                                                   for n, p in models[0].named_parameters()}))
+        torch.save(seen, f"{snapshots}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_pretraining_on_two_gloo_processes_keeps_identical_replicas(tiny_data, tmp_path):
+    out, snaps = tmp_path / "pre", tmp_path / "snaps"
+    snaps.mkdir()
+    mp.start_processes(_pretrain_worker, args=(2, _free_port(), str(tiny_data), str(out), str(snaps)), nprocs=2,
+                       start_method="spawn", join=True)
+    ranks = [torch.load(snaps / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == 4  # 4 batches of 8, 4 rows per process each
+    for a, b in zip(*ranks):
+        assert all(torch.equal(a[k], b[k]) for k in a)  # summed gradients, the same step everywhere
+    assert (out / "backbone.pt").is_file() and len(_rows(out / "metrics.csv")) == 4  # rank 0 wrote the run
