@@ -8,14 +8,12 @@
   negative squared Euclidean distance up to a per-query constant that softmax ignores.
 
 How Simple CNAPs applies Sigma_k^{-1} (`solver`):
-- "cholesky" (default): every covariance is a Gram matrix of centred rows, so Sigma_k = I + W_k^T W_k with
-  W_k (r_k, D) stacking sqrt(lambda_k / (n_k - 1))·(F_k - mu_k) and sqrt((1 - lambda_k) / (N - 1))·(F - mu)
-  (r_k = n_k + N rows; the 1-shot quirk adds one row of ones, see `covariance_rows`). When r < D the Woodbury
-  identity gives d^T Sigma^{-1} d = |d|^2 - |L^{-1} W d|^2 with L the Cholesky factor of the r x r matrix
-  I + W W^T; otherwise L factors Sigma itself (D x D) and d^T Sigma^{-1} d = |L^{-1} d|^2. Computed in float64
-  (the Woodbury difference cancels where Sigma has large eigenvalues; float64 keeps it well below float32
-  rounding) and batched over classes by zero rows, which change neither form. Far fewer operations than an
-  inverse (BENCHMARKS.md, "Training speed"), and closer to LITE's float64 numbers than LITE's own float32.
+- "cholesky" (default): Sigma_k = I + a_k^2 C_k^T C_k + b_k^2 T^T T from the centred class and task rows, and
+  d^T Sigma_k^{-1} d by Woodbury and a Schur complement, with Cholesky factors of small matrices and of the
+  task's N x N Gram matrix shared by the classes of equal shot count (`lite_train.model._lowrank`), in
+  float64 (the Woodbury difference cancels where Sigma has large eigenvalues; float64 keeps it well below
+  float32 rounding). Far fewer operations than an inverse (BENCHMARKS.md, "Training speed"), no D x D matrix
+  per class, and closer to LITE's float64 numbers than LITE's own float32.
 - "inverse": the reference's explicit float32 `torch.inverse` of every Sigma_k (docs/fidelity.md M11).
 
 Heads have no parameters (the reference's head is not an nn.Module); gradients flow through the features.
@@ -29,6 +27,8 @@ from typing import Callable
 
 import torch
 
+from lite_train.model._lowrank import LowRankStats, fit_lowrank, precisions, squared_distances
+
 SOLVERS = ("cholesky", "inverse")
 
 
@@ -38,26 +38,16 @@ class ClassStats:
 
     classes: torch.Tensor  # (K,) sorted unique support labels = the logit column order
     means: torch.Tensor  # (K, D) class means
-    # simple_cnaps "inverse": (K, D, D) explicit precision matrices
-    precisions: torch.Tensor | None = None
-    # simple_cnaps "cholesky", float64: factor rows W (K, r, D) with Sigma_k = I + W_k^T W_k (zero rows pad
-    # classes to a common r), and the lower Cholesky factor of I + W W^T (K, r, r) if r < D, else of Sigma
-    # (K, D, D)
-    rows: torch.Tensor | None = None
-    cholesky: torch.Tensor | None = None
+    precisions: torch.Tensor | None = None  # simple_cnaps "inverse": (K, D, D) explicit precision matrices
+    lowrank: LowRankStats | None = None  # simple_cnaps "cholesky": the factored Sigma_k (float64)
 
     def precision_matrices(self) -> torch.Tensor:
-        """Sigma_k^{-1} as explicit (K, D, D) matrices (for checks; the logits never form them)."""
+        """Sigma_k^{-1} as explicit (K, D, D) matrices (for checks; the "cholesky" logits never form them)."""
         if self.precisions is not None:
             return self.precisions
-        if self.rows is None:
+        if self.lowrank is None:
             raise ValueError("this head keeps no covariances (ProtoNets)")
-        k, r, d = self.rows.shape
-        if r >= d:
-            return torch.cholesky_inverse(self.cholesky)
-        # Woodbury: Sigma^{-1} = I - W^T (I + W W^T)^{-1} W
-        inner = torch.cholesky_solve(self.rows, self.cholesky)  # (K, r, D)
-        return torch.eye(d, dtype=self.rows.dtype, device=self.rows.device) - self.rows.transpose(1, 2) @ inner
+        return precisions(self.lowrank)
 
 
 def class_means(features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list]:
@@ -119,23 +109,11 @@ class SimpleCnapsHead:
         if self.solver == "inverse":
             return self._fit_inverse(features, labels)
         classes, means, blocks = class_means(features, labels)
-        x = features.double()  # (N, D)
-        d = x.shape[1]
-        task_rows = covariance_rows(x, self.one_shot_covariance_quirk)  # (N or 1 or 0, D)
-        per_class = []
-        for block in blocks:
-            lam = block.shape[0] / (block.shape[0] + 1)
-            per_class.append(torch.cat([math.sqrt(lam) * covariance_rows(block.double(), self.one_shot_covariance_quirk),
-                                        math.sqrt(1 - lam) * task_rows]))  # (r_k, D)
-        r = max(len(w) for w in per_class)
-        rows = x.new_zeros(len(per_class), r, d)  # (K, r, D): zero rows add nothing to I + W^T W
-        for k, w in enumerate(per_class):
-            rows[k, :len(w)] = w
-        if r < d:
-            inner = torch.eye(r, dtype=x.dtype, device=x.device) + rows @ rows.transpose(1, 2)  # (K, r, r)
-        else:
-            inner = torch.eye(d, dtype=x.dtype, device=x.device) + rows.transpose(1, 2) @ rows  # (K, D, D)
-        return ClassStats(classes, means, rows=rows, cholesky=torch.linalg.cholesky(inner))
+        quirk = self.one_shot_covariance_quirk
+        task = covariance_rows(features.double(), quirk)  # (N or 1 or 0, D)
+        rows = [covariance_rows(block.double(), quirk) for block in blocks]  # (n_k or 1 or 0, D) each
+        lambdas = [len(block) / (len(block) + 1) for block in blocks]
+        return ClassStats(classes, means, lowrank=fit_lowrank(task, rows, lambdas))
 
     def _fit_inverse(self, features: torch.Tensor, labels: torch.Tensor) -> ClassStats:
         classes, means, blocks = class_means(features, labels)
@@ -156,16 +134,7 @@ class SimpleCnapsHead:
         if stats.precisions is not None:
             diff = stats.means[:, None, :] - query[None, :, :]  # (K, M, D)
             return -(torch.matmul(diff, stats.precisions) * diff).sum(dim=2).t()  # (M, K)
-        q, mu, rows, chol = query.double(), stats.means.double(), stats.rows, stats.cholesky
-        if rows.shape[1] >= rows.shape[2]:  # D x D factor: |L^{-1} (x - mu_k)|^2
-            diff = (q[None, :, :] - mu[:, None, :]).transpose(1, 2)  # (K, D, M)
-            solved = torch.linalg.solve_triangular(chol, diff, upper=False)  # (K, D, M)
-            distance = (solved * solved).sum(dim=1)  # (K, M)
-        else:  # Woodbury: |x - mu_k|^2 - |L^{-1} W_k (x - mu_k)|^2, without forming the (K, M, D) differences
-            projected = torch.einsum("md,krd->krm", q, rows) - (rows @ mu[:, :, None])  # (K, r, M) = W_k (x - mu_k)
-            solved = torch.linalg.solve_triangular(chol, projected, upper=False)  # (K, r, M)
-            squared = (q * q).sum(dim=1)[None, :] - 2 * mu @ q.t() + (mu * mu).sum(dim=1)[:, None]  # (K, M)
-            distance = squared - (solved * solved).sum(dim=1)  # (K, M)
+        distance = squared_distances(stats.lowrank, stats.means.double(), query.double())  # (K, M)
         return -distance.t().to(query.dtype)  # (M, K)
 
 

@@ -176,11 +176,13 @@ def test_simple_cnaps_precisions_stay_right_after_set_num_threads():
     (1280, (1, 2, 3, 4, 5), True),  # Woodbury (r = n_k + N < D), a 1-shot class with the reference's quirk
     (1280, (1, 2, 3, 4, 5), False),  # ... and with the corrected zero class covariance
     (1280, (1,), True),  # one support image in all: the task covariance is the quirk's scalar too
-    (16, (3, 9, 12), True),  # r >= D: the D x D Cholesky form
+    (16, (3, 9, 12), True),  # more task rows than D (and a class with more): compressed to D rows first
+    (1280, (2, 2, 3, 3, 3, 7, 1), True),  # classes of equal shot count share their task factor
 ])
 def test_cholesky_solver_gives_the_explicit_inverse_logits_and_gradients(dim, shots, quirk):
     # The reference's explicit inverse in float64 is the yardstick (heads.SimpleCnapsHead(solver="inverse") is
-    # the reference's code path); the factored solve must give the same logits and the same gradients.
+    # the reference's code path); the factored solve (lite_train.model._lowrank) must give the same logits and
+    # the same gradients.
     from lite_train.model.heads import SimpleCnapsHead
 
     gen = torch.Generator().manual_seed(len(shots) + dim)
