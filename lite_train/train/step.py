@@ -109,13 +109,13 @@ class _FeatureCache:
         if self.film is None:
             self.film = [(g.detach(), b.detach()) for g, b in film]  # the first chunk's
         missing = rows[~self.done[rows]]
-        if missing.numel():
-            with torch.no_grad():
-                new = self.model.features_by_chunks(self.images[missing], self.film, self.chunk_size)  # (k, 1280)
-            if self.values is None:
-                self.values = new.new_empty(self.images.shape[0], new.shape[1])
-            self.values[missing] = new
-            self.done[missing] = True
+        with torch.no_grad():
+            for a, b in query_chunks(missing.numel(), self.chunk_size):  # gathered chunk by chunk: memory per chunk
+                new = self.model.features(self.images[missing[a:b]], self.film)  # (b - a, 1280)
+                if self.values is None:
+                    self.values = new.new_empty(self.images.shape[0], new.shape[1])
+                self.values[missing[a:b]] = new
+        self.done[missing] = True
         if self.values is None:  # every row carries gradients (h = N): nothing was read from the cache
             return self.images.new_empty(0, FEATURE_DIM)
         return self.values[rows]

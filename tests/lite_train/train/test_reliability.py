@@ -7,7 +7,6 @@ written; progress shows without a terminal."""
 from __future__ import annotations
 
 import csv
-import errno
 import math
 import os
 import re
@@ -70,12 +69,12 @@ def _same_file(a: Path, b: Path) -> bool:
 ])
 def test_divergence_stops_train_in_one_line_and_saves_nothing_non_finite(tiny_data, tmp_path, monkeypatch, poison,
                                                                          bad_task, checkpoint_every):
-    real, calls = loop.STEPS["lite"], []
+    real, done = loop.STEPS["lite"], []
 
     def diverging(model, task, cfg):
         stats = real(model, task, cfg)
-        calls.append(len(calls))
-        if len(calls) - 1 == bad_task:  # one process: the n-th call is task n
+        done.append(task)
+        if len(done) - 1 == bad_task:  # one process: the n-th call is task n
             if poison == "loss":
                 return {**stats, "loss": float("nan")}
             next(p for p in model.parameters() if p.grad is not None).grad.fill_(float("nan"))
@@ -93,9 +92,11 @@ def test_divergence_stops_train_in_one_line_and_saves_nothing_non_finite(tiny_da
         assert re.search(r"training diverged: the gradient of \S+ is not finite after tasks 4-5 \((toya|toyb)"
                          r"(, (toya|toyb))?\)", line), line
     assert "--learning-rate" in line
+    # metrics.csv: every task before the one that stopped the run (its loss, or its step's gradient, was not
+    # finite), all finite, written out although the run failed
     logged = _rows(run / "metrics.csv")
-    assert [int(r[0]) for r in logged] == list(range(len(logged))) and len(logged) <= bad_task + 1
-    assert all(math.isfinite(float(r[5])) and math.isfinite(float(r[6])) for r in logged)  # no NaN row
+    assert [int(r[0]) for r in logged] == list(range(bad_task if poison == "loss" else bad_task + 1))
+    assert all(math.isfinite(float(r[5])) and math.isfinite(float(r[6])) for r in logged)
     if checkpoint_every == 2:
         state = load_checkpoint(run / "checkpoint.pt")  # the last one written before the divergence
         assert state["iteration"] == 4 and _non_finite(state) == []
@@ -134,7 +135,10 @@ def test_divergence_stops_pretrain_in_one_line_and_saves_nothing_non_finite(tiny
                                  "2", *args])
     assert result.exit_code == 1, result.output
     line = one_error_line(result.output)
-    assert line.startswith("error: pretraining diverged: ") and "--learning-rate" in line
+    # the first check that sees it: a NaN loss (lr 1e4), a finite loss whose gradient is NaN (the injection)
+    assert line.startswith("error: pretraining diverged: " + ("the loss of batch " if poison == "learning rate" else
+                                                              "the gradient of ")), line
+    assert "--learning-rate" in line
     assert [str(w.message) for w in recwarn if "lite_train" in w.filename] == []  # a CLI would print them too
     assert not (run / "backbone.pt").exists() and _temporaries(run) == []
     assert all(math.isfinite(float(r[2])) for r in _rows(run / "metrics.csv"))
@@ -248,6 +252,20 @@ def test_a_failure_ends_train_within_seconds_leaving_no_worker_and_no_temporary(
         assert "injected: the training step failed" in err
 
 
+def test_a_failing_step_stops_the_loader_workers_before_train_raises(tiny_data, tmp_path, monkeypatch):
+    # In a library call, not only at process exit: the traceback the caller keeps references the loader.
+    import multiprocessing
+
+    def failing_step(model, task, cfg):
+        raise RuntimeError("injected: the training step failed")
+
+    monkeypatch.setitem(loop.STEPS, "lite", failing_step)
+    before = set(multiprocessing.active_children())
+    with pytest.raises(RuntimeError, match="injected") as failure:
+        loop.train(tiny_config(tiny_data, tmp_path / "run", num_workers=2, calibration_images=0), progress=False)
+    assert failure.traceback and set(multiprocessing.active_children()) - before == set()
+
+
 # --- never stranded or shared -----------------------------------------------------------------------------
 
 
@@ -277,8 +295,10 @@ def test_a_signal_during_start_up_checkpoints_task_0_and_resume_finishes_the_run
     assert (f"stopped at task 0; checkpoint written to {run}/checkpoint.pt (continue with the same command plus "
             "--resume)") in stopped.stdout
     assert load_checkpoint(run / "checkpoint.pt")["iteration"] == 0
+    (run / ".checkpoint.pt.999.tmp").write_bytes(b"a checkpoint write killed half way")
     resumed = runner.invoke(app, train_args(cfg, "--resume"))
     assert resumed.exit_code == 0, resumed.output
+    assert _temporaries(run) == []
     assert _rows(run / "metrics.csv") == _rows(trained_run / "metrics.csv")
     assert _same_file(run / "fully_trained.pt", trained_run / "fully_trained.pt")
 
