@@ -41,6 +41,22 @@ class LowRankStats:
     schur: list  # per class (r_k, r_k): lower Cholesky factor of A - E^T E (None if r_k = 0)
 
 
+def _cholesky(matrix: torch.Tensor, what: str) -> torch.Tensor:
+    """Lower Cholesky factor of a matrix that is positive definite by construction (identity plus a Gram
+    matrix); numerically it is not when the features are so large that the identity is lost to rounding.
+
+    Raises:
+        ValueError: one line saying so (the reference's inverse would return garbage instead).
+    """
+    factor, info = torch.linalg.cholesky_ex(matrix)
+    if bool((info != 0).any()):
+        scale = float(matrix.diagonal(dim1=-2, dim2=-1).abs().max())
+        raise ValueError(f"Simple CNAPs: the {what} is not positive definite in float64 (its largest diagonal "
+                         f"entry is {scale:.3g}): the support features are too large for I + covariance; is the "
+                         "backbone's BN calibrated, or is this a ProtoNets model?")
+    return factor
+
+
 def compress(rows: torch.Tensor) -> torch.Tensor:
     """At most D rows with the same Gram matrix rows^T rows: R of rows = QR when there are more than D."""
     if rows.shape[0] <= rows.shape[1]:
@@ -60,7 +76,7 @@ def fit_lowrank(task: torch.Tensor, class_rows: list, lambdas: list) -> LowRankS
         a, b = math.sqrt(lam), math.sqrt(1.0 - lam)
         if b not in factor_of_b:
             factor_of_b[b] = len(factors)
-            factors.append(torch.linalg.cholesky(eye_t + (b * b) * gram))  # (r_t, r_t)
+            factors.append(_cholesky(eye_t + (b * b) * gram, "task covariance"))  # (r_t, r_t)
         l_d = factors[factor_of_b[b]]
         c = a * compress(rows)  # (r_k, D)
         r_k = c.shape[0]
@@ -69,7 +85,7 @@ def fit_lowrank(task: torch.Tensor, class_rows: list, lambdas: list) -> LowRankS
         schur = None
         if r_k:
             inner = torch.eye(r_k, dtype=c.dtype, device=c.device) + c @ c.t() - e.t() @ e  # (r_k, r_k)
-            schur = torch.linalg.cholesky(inner)
+            schur = _cholesky(inner, "class covariance")
         scaled.append(c)
         bs.append(b)
         index.append(factor_of_b[b])

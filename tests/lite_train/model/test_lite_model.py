@@ -218,3 +218,14 @@ def test_cholesky_solver_keeps_float32_logits_closer_to_float64_than_the_inverse
         head = SimpleCnapsHead(solver=solver)
         errors[solver] = (head.logits(head.fit(support, labels), query).double() - truth).abs().max().item()
     assert errors["cholesky"] < errors["inverse"] / 10, errors
+
+
+def test_covariances_that_lose_their_identity_to_rounding_are_a_one_line_error():
+    # Sigma = I + covariance is positive definite by construction, but not in floating point once the features
+    # are so large that the identity drowns (a ProtoNets model's features, a random uncalibrated backbone):
+    # the reference's inverse returns garbage there; this head says so.
+    from lite_train.model.heads import SimpleCnapsHead
+
+    features = torch.randn(20, 1280, generator=torch.Generator().manual_seed(0)) * 1e12
+    with pytest.raises(ValueError, match="Simple CNAPs: the .* covariance is not positive definite"):
+        SimpleCnapsHead().fit(features, torch.arange(20) % 5)
