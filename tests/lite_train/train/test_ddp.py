@@ -26,7 +26,7 @@ def _worker(rank: int, world: int, port: int, data: str, out: str, snapshots: st
         seen.append({n: p.detach().clone() for n, p in model_ref[0].named_parameters() if p.requires_grad})
 
     model_ref = []
-    import lite_train.train.loop as loop
+    import lite_train.train.run_state as loop
 
     build = loop.build_model
 

@@ -72,7 +72,7 @@ def test_four_tasks_equal_three_a_sigterm_and_one_resumed(tiny_data, tmp_path):
         "/config/out", "/model_meta/train_config/out"]
     # and training did change the trainable parameters
     init = tiny_config(tiny_data, tmp_path / "unused")
-    from lite_train.train.loop import build_model
+    from lite_train.train.run_state import build_model
     start = build_model(init).state_dict()  # calibration changes only backbone BN buffers
     assert any(not torch.equal(start[k], a[k]) for k in a if "regularizers" in k)
 

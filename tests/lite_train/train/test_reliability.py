@@ -22,6 +22,7 @@ import torch
 from typer.testing import CliRunner
 
 import lite_train.train.loop as loop
+import lite_train.train.run_state as run_state
 from lite_train.cli import app
 from lite_train.train import load_checkpoint
 from manifests import open_source
@@ -92,10 +93,10 @@ def test_divergence_stops_train_in_one_line_and_saves_nothing_non_finite(tiny_da
         assert re.search(r"training diverged: the gradient of \S+ is not finite after tasks 4-5 \((toya|toyb)"
                          r"(, (toya|toyb))?\)", line), line
     assert "--learning-rate" in line
-    # metrics.csv: every task before the one that stopped the run (its loss, or its step's gradient, was not
-    # finite), all finite, written out although the run failed
+    # metrics.csv: every task done with a finite loss (for a NaN gradient, up to the last task of its Adam step,
+    # which the check stopped), written out although the run failed
     logged = _rows(run / "metrics.csv")
-    assert [int(r[0]) for r in logged] == list(range(bad_task if poison == "loss" else bad_task + 1))
+    assert [int(r[0]) for r in logged] == list(range(bad_task if poison == "loss" else bad_task + 2))
     assert all(math.isfinite(float(r[5])) and math.isfinite(float(r[6])) for r in logged)
     if checkpoint_every == 2:
         state = load_checkpoint(run / "checkpoint.pt")  # the last one written before the divergence
@@ -269,11 +270,12 @@ def test_a_failing_step_stops_the_loader_workers_before_train_raises(tiny_data, 
 # --- never stranded or shared -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("phase", ["make_episode_loader", "calibrate_random_backbone"])
+@pytest.mark.parametrize("module, phase", [(loop, "make_episode_loader"), (run_state, "calibrate_random_backbone")],
+                         ids=["opening", "calibrating"])
 def test_a_signal_during_start_up_checkpoints_task_0_and_resume_finishes_the_run(tiny_data, trained_run, tmp_path,
-                                                                                 monkeypatch, phase):
+                                                                                 monkeypatch, module, phase):
     # SIGTERM while the sources are being opened, or while the random backbone's BN statistics are set.
-    real = getattr(loop, phase)
+    real = getattr(module, phase)
 
     def signalled(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)
@@ -282,7 +284,7 @@ def test_a_signal_during_start_up_checkpoints_task_0_and_resume_finishes_the_run
     def fatal(signum, frame):  # what SIGTERM does when the trainer does not handle it (here without killing pytest)
         raise SystemExit(f"signal {signum} was not handled by the trainer")
 
-    monkeypatch.setattr(loop, phase, signalled)
+    monkeypatch.setattr(module, phase, signalled)
     run = tmp_path / "run"
     cfg = tiny_config(tiny_data, run, iterations=4, tasks_per_step=2)  # trained_run's settings
     previous = signal.signal(signal.SIGTERM, fatal)
