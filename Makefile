@@ -22,9 +22,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[convert,test]"
 	touch $(STAMP)
 
-# --durations: the slowest tests stay visible (the whole suite is meant to run in under 3 minutes on 2 cores)
+# One test process per core, each pinned to its core (tests/conftest.py), a file's tests in one process (its
+# fixtures built once); --durations: the slowest tests stay visible (the suite is meant to run in under 3
+# minutes on 2 cores).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q --durations=20
+	$(BIN)/python -m pytest -q -n auto --dist loadfile --durations=20
 
 # The main job on embedded demo data (README, "What make demo shows"): write real-format MD records, convert,
 # verify; a random and a pretrained backbone (MNIST, train-only in MD-v2 like ImageNet); LITE meta-trained on

@@ -151,8 +151,11 @@ class RunLogs:
     it are cut off, and TensorBoard is told to drop the events from `purge_step` on.
     """
 
+    FLUSH_SECONDS = 2.0  # rows reach the files at least this often (a user tailing metrics.csv sees progress)
+
     def __init__(self, out: Path, metrics_columns: Sequence[str], validation_columns: Sequence[str],
                  resume_rows: dict[str, int] | None = None, purge_step: int | None = None):
+        self._flushed = time.monotonic()
         keep = resume_rows or {}
         self.metrics = CsvLog(out / METRICS_FILE, metrics_columns, keep_rows=keep.get("metrics"))
         self.validation = CsvLog(out / VALIDATION_FILE, validation_columns, keep_rows=keep.get("validation"))
@@ -162,6 +165,8 @@ class RunLogs:
         self.metrics.write(row)
         for tag, value in scalars.items():
             self.events.scalar(tag, value, step)
+        if time.monotonic() - self._flushed > self.FLUSH_SECONDS:
+            self.flush()
 
     def validate(self, row: Sequence, step: int, scalars: dict[str, float]) -> None:
         self.validation.write(row)
@@ -176,6 +181,7 @@ class RunLogs:
         self.metrics.flush()
         self.validation.flush()
         self.events.flush()
+        self._flushed = time.monotonic()
 
     def close(self) -> None:
         self.metrics.close()
