@@ -84,6 +84,32 @@ def from_dict(cls, raw: dict[str, Any], origin: str):
         raise ValueError(f"{origin}: {e}") from None
 
 
+class ConfigRecord:
+    """Mixin of a config dataclass saved as JSON (config.json, checkpoints, model files): to_dict / from_dict /
+    to_json, and the fields a resumed run must agree on."""
+
+    # fields that may change between a run and its resume (where it runs, not what it computes)
+    OPERATIONAL = ("device", "threads", "num_workers", "checkpoint_every", "data", "out")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], origin: str = "config"):
+        """The inverse of `to_dict`; unknown or missing keys are errors, not silently dropped."""
+        return from_dict(cls, raw, origin)
+
+    def to_json(self) -> str:
+        import json
+
+        return json.dumps(self.to_dict(), indent=1, sort_keys=True) + "\n"
+
+    @classmethod
+    def resume_fields(cls) -> tuple[str, ...]:
+        """What a resumed run must agree on: every field but the operational ones."""
+        return tuple(f.name for f in dataclasses.fields(cls) if f.name not in cls.OPERATIONAL)
+
+
 def _cli_type(annotation: Any) -> Any:
     """The type typer parses for a field: tuples of names come in as one comma-separated string."""
     origin = typing.get_origin(annotation)

@@ -5,17 +5,16 @@ which of them are converted. Every field is a command-line option (`lite_train.o
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
 from lite_train.data.episode_description import EpisodeDescriptionConfig
 from lite_train.data.loader import EpisodeLoaderConfig
 from lite_train.model.heads import HEADS
-from lite_train.options import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, check_bounds, from_dict, option
+from lite_train.options import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, ConfigRecord, check_bounds, option
 from lite_train.runtime import THREADS_HELP
 from manifests.reader import find_sources
-from manifests.sources import MD_V2_TEST, MD_V2_TRAIN, MD_V2_VALID
+from manifests.sources import MD_V2_TEST, MD_V2_TRAIN, MD_V2_VALID  # noqa: F401 (MD_V2_TEST: lite_train.train exports it)
 
 
 TRAIN_METHODS = ("lite", "small_task", "no_lite")
@@ -23,7 +22,7 @@ VIEWS = ("md-v2", "md-v1")
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(ConfigRecord):
     """Everything that decides a training run. Defaults are the reference's (LITE:src/run.py)."""
 
     data: str = option(..., "Root of converted sources.")
@@ -104,22 +103,10 @@ class TrainConfig:
                       pin_memory=self.device.startswith("cuda"), rank=rank, world_size=world_size)
         return EpisodeLoaderConfig(**{**values, **overrides})
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any], origin: str = "config") -> "TrainConfig":
-        """The inverse of `to_dict`; unknown or missing keys are errors, not silently dropped."""
-        return from_dict(cls, raw, origin)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=1, sort_keys=True) + "\n"
-
 
 # What a resumed run must agree on (the device, threads, workers and checkpoint period may change, and the
-# data folder may move).
-TRAIN_RESUME_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig)
-                            if f.name not in ("device", "threads", "num_workers", "checkpoint_every", "data", "out"))
+# What a resumed run must agree on (the device, threads, workers and checkpoint period may change).
+TRAIN_RESUME_FIELDS = TrainConfig.resume_fields()
 
 
 def converted_sources(data: str | Path) -> set[str]:

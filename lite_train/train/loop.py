@@ -40,7 +40,7 @@ from lite_train.train import checkpoint as ckpt
 from lite_train.train.config import TRAIN_RESUME_FIELDS, TrainConfig
 from lite_train.train.distributed import Distributed
 from lite_train.train.run_folder import RunFolder
-from lite_train.train.run_state import TrainingRun, build_model, model_metadata
+from lite_train.train.run_state import TrainingRun, model_metadata
 from lite_train.train.signals import StopRequest
 from lite_train.train.step import STEPS, TrainingTask
 

@@ -4,18 +4,16 @@ backbone pretraining run, saved as config.json and inside every checkpoint and i
 from __future__ import annotations
 
 import dataclasses
-import json
-from typing import Any
 
-from lite_train.options import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, check_bounds, from_dict, option
-from lite_train.runtime import DEVICE_HELP, THREADS_HELP
+from lite_train.options import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, ConfigRecord, check_bounds, option
+from lite_train.runtime import THREADS_HELP
 
 
 AUGMENTATIONS = ("crop", "flip", "none")
 
 
 @dataclasses.dataclass(frozen=True)
-class PretrainConfig:
+class PretrainConfig(ConfigRecord):
     """Everything that decides a pretraining run (the CLI options are these fields)."""
 
     data: str = option(..., "Root of converted sources.")
@@ -62,18 +60,6 @@ class PretrainConfig:
         if self.view not in ("md-v1", "md-v2"):
             raise ValueError(f"--view {self.view!r}: md-v1 or md-v2")
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any], origin: str = "config") -> "PretrainConfig":
-        return from_dict(cls, raw, origin)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=1, sort_keys=True) + "\n"
-
 
 # What a resumed run must agree on (the device, threads, workers and checkpoint period may change).
-PRETRAIN_RESUME_FIELDS = tuple(f.name for f in dataclasses.fields(PretrainConfig)
-                               if f.name not in ("device", "threads", "num_workers", "checkpoint_every", "data",
-                                                 "out"))
+PRETRAIN_RESUME_FIELDS = PretrainConfig.resume_fields()

@@ -17,7 +17,6 @@ Two reference quirks, off by default here (the issue asks for the corrected beha
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import time
 from pathlib import Path
