@@ -3,7 +3,7 @@
 Depends on pyarrow and numpy only, so any project can read converted sources through it.
 """
 
-import importlib
+from manifests.lazy import lazy_exports
 
 # Exported names -> defining module, imported on first use (PEP 562): `lite-convert md` then loads only
 # the modules it runs, not every converter's (start-up is part of every conversion's time, BENCHMARKS.md).
@@ -54,13 +54,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, __all__)
