@@ -101,7 +101,7 @@ def model_row(path: Path, size: int) -> tuple[float, float, int]:
     torch.manual_seed(0)
     clock = _ModelClock(LiteModel().eval())
     cfg = VtabEvalConfig(data=str(path.parent.parent), checkpoint="-", image_size=size, num_workers=2)
-    result = evaluate_task(clock, open_ordered_task(path), cfg, torch.device("cpu"))
+    result = evaluate_task(clock, open_ordered_task(path), cfg, torch.device("cpu"), image_size=size)
     return result.images_per_s, clock.seconds / result.seconds, result.support_size + result.scored
 
 
