@@ -26,7 +26,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-__all__ = ["Bench", "BENCHES", "main"]
+__all__ = ["Bench", "BENCHES", "emit", "main"]
 
 _REPO = Path(__file__).resolve().parents[1]
 
@@ -56,6 +56,15 @@ BENCHES = (
     Bench("VTAB evaluation: `lite-train eval-vtab` query stream vs the decode+resize bound",
           "benchmarks.eval_vtab_bench"),
 )
+
+
+def emit(text: str, out: str | None) -> str:
+    """A benchmark module's Markdown: written to `out` (what `run_bench` reads back), else printed."""
+    if out:
+        Path(out).write_text(text)
+    else:
+        print(text)
+    return text
 
 
 def _machine() -> str:

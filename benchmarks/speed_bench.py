@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.run import emit
+
 PREVIOUS_RELEASE = "1686c17"  # landed before the speed work (issues 14 and 16)
 # (image px, support N, query M, ways): the issue's 32 and 224-px episodes, and an 84-px one in between
 EPISODES = ((32, 20, 20, 5), (84, 30, 20, 5), (224, 30, 20, 5))
@@ -190,11 +192,7 @@ def main(argv: list[str] | None = None) -> str:
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         text = run(quick=args.quick, work=Path(tmp) if args.quick else None)
-    if args.out:
-        Path(args.out).write_text(text)
-    else:
-        print(text)
-    return text
+    return emit(text, args.out)
 
 
 if __name__ == "__main__":

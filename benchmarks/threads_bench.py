@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.run import emit
+
 WORKERS = (0, 1, 2)
 SIZES = (32, 84)
 WARMUP = 3
@@ -140,11 +142,7 @@ def main(argv: list[str] | None = None) -> str:
         print(json.dumps(measure(data, int(size), int(workers), int(threads), int(tasks))))
         return ""
     text = run(quick=args.quick)
-    if args.out:
-        Path(args.out).write_text(text)
-    else:
-        print(text)
-    return text
+    return emit(text, args.out)
 
 
 if __name__ == "__main__":

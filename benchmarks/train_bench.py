@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.run import emit
+
 import numpy as np
 
 SUPPORT_SIZES = (50, 100, 250, 500, 1000)
@@ -166,11 +168,7 @@ def main(argv: list[str] | None = None) -> str:
         print(json.dumps(result))
         return ""
     text = run(quick=args.quick)
-    if args.out:
-        Path(args.out).write_text(text)
-    else:
-        print(text)
-    return text
+    return emit(text, args.out)
 
 
 if __name__ == "__main__":
