@@ -12,7 +12,7 @@ DEMO_TEST_EPISODES ?= 30
 DATA ?= data
 RECORDS ?=
 
-.PHONY: venv test demo convert bench clean
+.PHONY: venv test demo convert bench bench-quick clean
 
 venv: $(STAMP)
 
@@ -63,6 +63,10 @@ convert: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run --out BENCHMARKS.md
+
+# Every benchmark row at tiny sizes (bench-out/BENCHMARKS.quick.md): checks that the benchmarks still run.
+bench-quick: $(STAMP)
+	$(BIN)/python -m benchmarks.run --quick
 
 clean:
 	rm -rf $(VENV) $(DEMO) bench-out .pytest_cache

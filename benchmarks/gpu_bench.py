@@ -10,15 +10,24 @@ on a card. Tasks/s is measured over the tasks after that first one (synchronised
 the training step exactly as the trainer runs it (`lite_task_backward` / `no_lite_backward` under the same
 autocast). TF32: PyTorch's defaults unless `--no-tf32` (lite-train's own default on CUDA, `set_tf32(False)`).
 
+`--vs-previous`: real LITE training (`train`, the loader included: one converted source of 500x375 JPEGs, MD's
+variable way/shot, H = 40, float32 with TF32 off) of this tree and of the previous release
+(`speed_bench.PREVIOUS_RELEASE`, extracted to bench-out/ by `git archive`; carry that folder to a machine
+without the history), each in its own process, in interleaved rounds; tasks/s over the tasks after a warm-up
+(timed per task through `train`'s `on_task`), what 10,000 tasks would take, the CUDA memory peak, and the
+episodes' sizes (both trees must draw the same episodes). Runs on CPU too (`--device cpu`: a smoke test).
+
 `make bench` runs it with `--recorded benchmarks/gpu_results.md`: on a machine without a GPU the section is
 that file, the table of the last GPU run (`tools/gpu_check.sh` writes it), said to be recorded elsewhere.
 
 Usage: python -m benchmarks.gpu_bench [--quick] [--device cuda] [--no-tf32] [--recorded FILE] [--out FILE.md]
+       python -m benchmarks.gpu_bench --vs-previous [--quick] [--device cuda] [--workers 8] [--out FILE.md]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import tempfile
 import time
@@ -129,9 +138,18 @@ def wait_share(tasks: int, image_size: int, num_workers: int, device) -> dict:
     return {"share": r.wait_seconds / r.seconds, "tasks_per_s": tasks / r.seconds}
 
 
-def run(quick: bool = False, device_name: str = "cuda", tf32: bool | None = None) -> str:
-    import os
+def vs_previous(quick: bool, device: str, workers: int, work: Path) -> str:
+    """The `--vs-previous` section: this tree's training against the previous release's, interleaved (sized
+    to fit a few minutes of a rented GPU)."""
+    from benchmarks.speed_bench import training_vs_previous
 
+    # quick: a smoke test of the section (5 classes, so the previous release's per-class inverses stay cheap on CPU)
+    shape = dict(size=32, warmup=2, tasks=4, rounds=1, classes=5) if quick else dict(
+        size=IMAGE_SIZE, warmup=3, tasks=30, rounds=2, classes=40)
+    return training_vs_previous(**shape, device=device, workers=workers, work=work)
+
+
+def run(quick: bool = False, device_name: str = "cuda", tf32: bool | None = None) -> str:
     import torch
 
     if not torch.cuda.is_available():
@@ -188,11 +206,15 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--no-tf32", action="store_true", help="float32 without TF32, as lite-train runs on CUDA")
     ap.add_argument("--recorded", default=None, help="without a GPU: report this recorded table instead")
+    ap.add_argument("--vs-previous", action="store_true", help="only real training, this tree vs the previous release")
+    ap.add_argument("--workers", type=int, default=8, help="--vs-previous: loader workers")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     import torch
 
-    if args.recorded and not torch.cuda.is_available():
+    if args.vs_previous:
+        text = vs_previous(args.quick, args.device, args.workers, Path(__file__).resolve().parents[1] / "bench-out")
+    elif args.recorded and not torch.cuda.is_available():
         text = ("No GPU on this machine: the table below was recorded by `python -m benchmarks.gpu_bench` on the "
                 f"machine it names (`{args.recorded}`).\n\n" + Path(args.recorded).read_text())
     else:

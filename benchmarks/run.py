@@ -3,9 +3,9 @@
 The modules are listed once, in `BENCHES`. Each is run as `python -m <module> [args] --out <table.md>` and
 must write its Markdown there. A module that is not in the tree yet gets a "not run: ..." section (so the
 gap shows in BENCHMARKS.md); a module that fails or writes no table gets a "FAILED: ..." section, the other
-sections are still written, and the run exits 1. `--quick` runs every module with its tiny smoke-test
-arguments (seconds each, numbers meaningless) and writes bench-out/BENCHMARKS.quick.md unless `--out` says
-otherwise.
+sections are still written, and the run exits 1. `--quick` (`make bench-quick`) runs every module with its
+smoke-test arguments (tiny sizes, numbers meaningless) and writes bench-out/BENCHMARKS.quick.md unless `--out`
+says otherwise.
 
 Each benchmark measures its references in the same run (plain file copy for the converter, TensorFlow's
 own decode + resize for the decoder and the loader), so the ratios are comparable even when the absolute
@@ -43,7 +43,7 @@ class Bench:
 
 BENCHES = (
     Bench("Converter: `lite-convert md` vs a plain copy of the same records", "benchmarks.convert_bench",
-          quick_args=("--classes", "4", "--per-class", "10", "--size", "20000")),
+          quick_args=("--classes", "4", "--per-class", "10", "--size", "20000", "--tiny-samples", "20000")),
     Bench("Decode + resize per image on photographs: lite_train vs TensorFlow", "benchmarks.decode_bench"),
     Bench("Episode loader on photographs", "benchmarks.loader_bench"),
     Bench("Training", "benchmarks.train_bench"),

@@ -8,12 +8,18 @@ task: the same random weights (seed 0), images, labels and LITE subsets (pinned)
 two trees alternate in interleaved rounds and each row keeps its best round. The losses of the two trees are
 compared as well (they must agree to float32 rounding).
 
+Real training (`training_vs_previous`, also `gpu_bench --vs-previous` on a GPU): each tree's own `train` on
+the same converted source of 500x375 JPEGs, MD's variable way/shot (so the two trees draw the same
+episodes, checked), H = 40; tasks/s over the tasks after a warm-up, what 10,000 tasks (LITE's default run)
+would take.
+
 Usage: python -m benchmarks.speed_bench [--quick] [--out FILE.md]
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import subprocess
@@ -148,6 +154,87 @@ def _run(tree: Path, what: str, episode: tuple, repeats: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def measure_training(data: str, out: str, image_size: int, warmup: int, tasks: int, workers: int,
+                     device: str) -> dict:
+    """`train` of the tree first on sys.path (either release's API): warm-up + timed tasks in one run, float32
+    with TF32 off on CUDA. Returns tasks/s over the timed tasks, the loop's share spent waiting for episodes,
+    the CUDA peak and the episodes' (ways, support, query) from metrics.csv."""
+    import torch
+
+    from lite_train.train import TrainConfig, train
+
+    try:
+        from lite_train.runtime import set_tf32
+    except ImportError:  # the previous release kept it with the training config
+        from lite_train.train.config import set_tf32
+    if device.startswith("cuda"):
+        set_tf32(False)
+        torch.cuda.reset_peak_memory_stats(device)
+    stamps = []
+    cfg = TrainConfig(data=data, out=out, sources=("bench",), val_sources=(), image_size=image_size,
+                      iterations=warmup + tasks, num_workers=workers, checkpoint_every=10**9, device=device)
+    r = train(cfg, progress=False, on_task=lambda *_: stamps.append(time.perf_counter()))
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+    with open(Path(out) / "metrics.csv") as f:
+        episodes = [(int(row["ways"]), int(row["support"]), int(row["query"])) for row in csv.DictReader(f)]
+    return {"tasks_per_s": tasks / (stamps[-1] - stamps[warmup - 1]), "wait_share": r.wait_seconds / r.seconds,
+            "threads": torch.get_num_threads(),
+            "peak_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.startswith("cuda") else None,
+            "episodes": episodes}
+
+
+def training_vs_previous(size: int, warmup: int, tasks: int, rounds: int, classes: int, device: str, workers: int,
+                         work: Path) -> str:
+    """Markdown: real training (`measure_training`) of the previous release and of this tree, interleaved
+    rounds, each tree's best round; on a source of `classes` classes of 500x375 JPEGs (MD's law: up to 50
+    ways, 500 support images)."""
+    from benchmarks.train_bench import _write_source
+
+    previous = _previous_tree(work)
+    if previous is None:
+        return f"not run: the previous release {PREVIOUS_RELEASE} cannot be extracted (no git history here)\n"
+    repo = Path(__file__).resolve().parents[1]
+    best: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        data = str(Path(tmp) / "data")
+        _write_source(Path(data), classes=classes, per_class=60)
+        for i in range(rounds):
+            for name, tree in (("previous", previous), ("this", repo)):
+                args = (data, str(Path(tmp) / f"{name}-{i}"), size, warmup, tasks, workers, device)
+                code = (f"import json, sys; sys.path[:0] = [{str(tree)!r}, {str(repo)!r}]; "
+                        f"from benchmarks.speed_bench import measure_training; "
+                        f"print(json.dumps(measure_training(*{args!r})))")
+                env = {**os.environ, "PYTHONPATH": str(tree)}
+                done = subprocess.run([sys.executable, "-c", code], cwd=tree, env=env, capture_output=True,
+                                      text=True)
+                if done.returncode != 0:
+                    raise SystemExit(f"benchmarks.speed_bench: the {name} tree's training failed:\n{done.stderr[-3000:]}")
+                r = json.loads(done.stdout.strip().splitlines()[-1])
+                if name not in best or r["tasks_per_s"] > best[name]["tasks_per_s"]:
+                    best[name] = r
+    a, b = best["previous"], best["this"]
+    same = a["episodes"] == b["episodes"]
+    timed = b["episodes"][warmup:]
+    mean = [sum(e[k] for e in timed) / len(timed) for k in range(3)]
+    precision = "float32, TF32 off" if device.startswith("cuda") else "float32"
+    lines = [f"Real LITE training (`train`: loader with {workers} workers, one source of {classes} classes of "
+             f"500x375 JPEGs, MD's variable way/shot, H = 40, {precision}) at {size} px on {device}, {tasks} "
+             f"timed tasks after "
+             f"{warmup} warm-up tasks, best of {rounds} interleaved rounds; the previous release = "
+             f"{PREVIOUS_RELEASE}, run from its own tree. Timed episodes: {mean[0]:.1f} ways, {mean[1]:.0f} "
+             f"support and {mean[2]:.0f} query images on average; the two trees drew "
+             f"{'the same' if same else 'DIFFERENT'} episodes.", "",
+             "| tree | torch threads | tasks/s | waiting for episodes | 10,000 tasks | CUDA peak (MB) |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for name, r in (("previous", a), ("this", b)):
+        peak = f"{r['peak_mb']:,.0f}" if r["peak_mb"] is not None else "-"
+        lines.append(f"| {name} | {r['threads']} | {r['tasks_per_s']:.3g} | {100 * r['wait_share']:.1f} % | "
+                     f"{10_000 / r['tasks_per_s'] / 3600:.1f} h | {peak} |")
+    lines += ["", f"Speed-up: {b['tasks_per_s'] / a['tasks_per_s']:.2f}x."]
+    return "\n".join(lines) + "\n"
+
+
 def run(quick: bool = False, work: Path | None = None) -> str:
     work = work or _REPO / "bench-out"
     previous = _previous_tree(work)
@@ -182,6 +269,12 @@ def run(quick: bool = False, work: Path | None = None) -> str:
         a, b = best[("previous", "parts", episode)], best[("this", "parts", episode)]
         for part in a:
             lines.append(f"| {episode[0]} | {part} | {a[part]:.3f} | {b[part]:.3f} | {a[part] / b[part]:.2f}x |")
+    # Real training: each tree's own `train` loop on MD-like episodes; 0 loader workers, so both trees run
+    # torch's 2 threads on this machine (this tree's default subtracts the workers; BENCHMARKS.md "Threads").
+    real = (dict(size=32, warmup=1, tasks=2, rounds=1, classes=5) if quick
+            else dict(size=84, warmup=1, tasks=3, rounds=2, classes=40))
+    lines += ["", "Real training, the loader and the training loop included (each tree's own `train`):", "",
+              training_vs_previous(**real, device="cpu", workers=0, work=work)]
     return "\n".join(lines) + "\n"
 
 
