@@ -3,6 +3,7 @@ the spawn start method, classes too small for an episode, and the `episodes` CLI
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
 from pathlib import Path
@@ -42,6 +43,14 @@ def _episode_maps() -> int:
     """Mappings of loader episode buffers (memfd "lite-train-episode") in this process."""
     with open("/proc/self/maps") as f:
         return sum("lite-train-episode" in line for line in f)
+
+
+@pytest.fixture(autouse=True)
+def _no_earlier_episode_garbage():
+    """Start every test here with no episode buffer left in unreachable reference cycles by an earlier test
+    of this process (e.g. the traceback of a training step that raised, whose frames hold its episode): the
+    tests below count this process's episode mappings, and release must not wait for the garbage collector."""
+    gc.collect()
 
 
 # -- integrity ---------------------------------------------------------------------------------------------
