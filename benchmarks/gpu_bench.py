@@ -206,7 +206,8 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--no-tf32", action="store_true", help="float32 without TF32, as lite-train runs on CUDA")
     ap.add_argument("--recorded", default=None, help="without a GPU: report this recorded table instead")
-    ap.add_argument("--vs-previous", action="store_true", help="only real training, this tree vs the previous release")
+    ap.add_argument("--vs-previous", action="store_true",
+                    help="only real training, this tree vs the previous release")
     ap.add_argument("--workers", type=int, default=8, help="--vs-previous: loader workers")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)

@@ -144,14 +144,20 @@ def _previous_tree(root: Path) -> Path | None:
     return tree
 
 
-def _run(tree: Path, what: str, episode: tuple, repeats: int) -> dict:
+def _call_in_tree(tree: Path, function: str, args: tuple) -> dict:
+    """`benchmarks.speed_bench.<function>(*args)` in a fresh process that imports lite_train and manifests from
+    `tree` (this repository's benchmarks second on the path); its JSON result."""
     env = {**os.environ, "PYTHONPATH": str(tree)}
-    code = (f"import json, sys; sys.path.insert(0, {str(tree)!r}); sys.path.insert(1, {str(_REPO)!r}); "
-            f"from benchmarks.speed_bench import measure_{what}; "
-            f"print(json.dumps(measure_{what}(*{episode!r}, {repeats})))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=tree, env=env, capture_output=True, text=True,
-                         check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    code = (f"import json, sys; sys.path[:0] = [{str(tree)!r}, {str(_REPO)!r}]; "
+            f"from benchmarks.speed_bench import {function}; print(json.dumps({function}(*{args!r})))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tree, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"benchmarks.speed_bench: {function} failed in {tree}:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _run(tree: Path, what: str, episode: tuple, repeats: int) -> dict:
+    return _call_in_tree(tree, f"measure_{what}", (*episode, repeats))
 
 
 def measure_training(data: str, out: str, image_size: int, warmup: int, tasks: int, workers: int,
@@ -194,23 +200,14 @@ def training_vs_previous(size: int, warmup: int, tasks: int, rounds: int, classe
     previous = _previous_tree(work)
     if previous is None:
         return f"not run: the previous release {PREVIOUS_RELEASE} cannot be extracted (no git history here)\n"
-    repo = Path(__file__).resolve().parents[1]
     best: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         data = str(Path(tmp) / "data")
         _write_source(Path(data), classes=classes, per_class=60)
         for i in range(rounds):
-            for name, tree in (("previous", previous), ("this", repo)):
-                args = (data, str(Path(tmp) / f"{name}-{i}"), size, warmup, tasks, workers, device)
-                code = (f"import json, sys; sys.path[:0] = [{str(tree)!r}, {str(repo)!r}]; "
-                        f"from benchmarks.speed_bench import measure_training; "
-                        f"print(json.dumps(measure_training(*{args!r})))")
-                env = {**os.environ, "PYTHONPATH": str(tree)}
-                done = subprocess.run([sys.executable, "-c", code], cwd=tree, env=env, capture_output=True,
-                                      text=True)
-                if done.returncode != 0:
-                    raise SystemExit(f"benchmarks.speed_bench: the {name} tree's training failed:\n{done.stderr[-3000:]}")
-                r = json.loads(done.stdout.strip().splitlines()[-1])
+            for name, tree in (("previous", previous), ("this", _REPO)):
+                r = _call_in_tree(tree, "measure_training",
+                                  (data, str(Path(tmp) / f"{name}-{i}"), size, warmup, tasks, workers, device))
                 if name not in best or r["tasks_per_s"] > best[name]["tasks_per_s"]:
                     best[name] = r
     a, b = best["previous"], best["this"]
@@ -220,8 +217,7 @@ def training_vs_previous(size: int, warmup: int, tasks: int, rounds: int, classe
     precision = "float32, TF32 off" if device.startswith("cuda") else "float32"
     lines = [f"Real LITE training (`train`: loader with {workers} workers, one source of {classes} classes of "
              f"500x375 JPEGs, MD's variable way/shot, H = 40, {precision}) at {size} px on {device}, {tasks} "
-             f"timed tasks after "
-             f"{warmup} warm-up tasks, best of {rounds} interleaved rounds; the previous release = "
+             f"timed tasks after {warmup} warm-up tasks, best of {rounds} interleaved rounds; the previous release = "
              f"{PREVIOUS_RELEASE}, run from its own tree. Timed episodes: {mean[0]:.1f} ways, {mean[1]:.0f} "
              f"support and {mean[2]:.0f} query images on average; the two trees drew "
              f"{'the same' if same else 'DIFFERENT'} episodes.", "",

@@ -184,8 +184,8 @@ def run(quick: bool = False) -> str:
     lines = [f"One training task on CPU at {size} px, {WAYS} ways, {QUERY} query images, random backbone, "
              f"torch threads {torch.get_num_threads()}; `lite` with H = {H} (query chunk 40), `lite inverse` the "
              "same with LITE's explicit inverse in the Simple CNAPs head (`simple_cnaps_solver=\"inverse\"`), "
-             "`no_lite` = the whole task in one graph. Peak = resident memory above the level just before the task (fresh "
-             "process per row).", "",
+             "`no_lite` = the whole task in one graph. Peak = resident memory above the level just before the "
+             "task (fresh process per row).", "",
              "| method | support N | peak task memory (MB) | tasks/s |", "|---|---:|---:|---:|"]
     lines += memory_rows(sizes, timed_tasks=1 if quick else 2, image_size=size)
     lines += ["", "Simple CNAPs head alone (fit on N support features, logits of 40 queries, backward; fresh "
